@@ -1,0 +1,60 @@
+"""App config: checks the setup, discovers ``events.py`` and equips the Dramatiq broker."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from django.apps import AppConfig, apps
+from django.utils.module_loading import autodiscover_modules
+
+from .exceptions import ConfigurationError
+
+if TYPE_CHECKING:
+    import dramatiq
+
+__all__ = ["DjangoEventsConfig"]
+
+
+class DjangoEventsConfig(AppConfig):
+    """Runs at startup in every process: web servers, ``rundramatiq`` workers, tests."""
+
+    name = "django_events"
+    verbose_name = "Events"
+    default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        check_installed_apps()
+        # Every installed app's events.py: a missing module is skipped, a broken one raises.
+        autodiscover_modules("events")
+        install_broker_middleware()
+
+
+def check_installed_apps() -> None:
+    """Fail loudly unless django_dramatiq is installed, and listed before django_events."""
+    labels = [config.name for config in apps.get_app_configs()]
+    if "django_dramatiq" not in labels:
+        raise ConfigurationError(
+            "django_events runs its functions through Dramatiq: add 'django_dramatiq' to "
+            "INSTALLED_APPS, before 'django_events', and set DRAMATIQ_BROKER."
+        )
+    if labels.index("django_dramatiq") > labels.index("django_events"):
+        raise ConfigurationError(
+            "'django_dramatiq' must come before 'django_events' in INSTALLED_APPS, so that the "
+            "Dramatiq broker is set up before django_events declares its actor on it."
+        )
+
+
+def install_broker_middleware(broker: dramatiq.Broker | None = None) -> None:
+    """Declare the run actor on ``broker`` (default: the global one) and add ``EventsMiddleware``, once.
+
+    Call it yourself only if you replace the global broker after startup (in tests, say).
+    """
+    import dramatiq
+
+    from .middleware import EventsMiddleware
+    from .tasks import get_actor
+
+    broker = broker or dramatiq.get_broker()
+    get_actor(broker)
+    if not any(isinstance(m, EventsMiddleware) for m in broker.middleware):
+        broker.add_middleware(EventsMiddleware())

@@ -1,0 +1,57 @@
+"""Every exception django-events raises, or lets a function raise to steer its run."""
+
+from __future__ import annotations
+
+from django.core.exceptions import ImproperlyConfigured
+
+__all__ = [
+    "ConfigurationError",
+    "DjangoEventsError",
+    "DuplicateFunctionError",
+    "EventValidationError",
+    "FunctionNotFoundError",
+    "NonRetriableError",
+    "ResultNotSerializableError",
+    "RetryAfterError",
+]
+
+
+class DjangoEventsError(Exception):
+    """Base class for the errors of django-events."""
+
+
+class ConfigurationError(DjangoEventsError, ImproperlyConfigured):
+    """Raised when settings, ``INSTALLED_APPS`` or the broker are set up wrongly."""
+
+
+class DuplicateFunctionError(ConfigurationError):
+    """Raised when two different callables are registered under one function id."""
+
+
+class EventValidationError(DjangoEventsError, ValueError):
+    """Raised when ``send()`` is given a bad event name, data or id; nothing is stored."""
+
+
+class FunctionNotFoundError(DjangoEventsError):
+    """Raised (and recorded on the run) when a run's function is no longer registered."""
+
+
+class ResultNotSerializableError(DjangoEventsError, TypeError):
+    """Raised (and recorded on the run) when a function returns a value JSON cannot hold."""
+
+
+class NonRetriableError(DjangoEventsError):
+    """Raised by a function to fail its run at once: it goes to ``dead`` with no retries."""
+
+
+class RetryAfterError(DjangoEventsError):
+    """Raised by a function to be retried after exactly ``seconds`` (retries still count).
+
+    ``RetryAfterError(30)`` or ``RetryAfterError(30, "rate limited")``.
+    """
+
+    def __init__(self, seconds: float, message: str = "") -> None:
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds < 0:
+            raise TypeError(f"RetryAfterError needs a non-negative number of seconds, not {seconds!r}.")
+        self.seconds = float(seconds)
+        super().__init__(message or f"retry requested in {self.seconds:g}s")

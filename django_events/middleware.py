@@ -1,0 +1,42 @@
+"""The Dramatiq middleware django-events installs on the broker by itself."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dramatiq
+from django.db import close_old_connections, connections
+from dramatiq.middleware import Middleware
+
+__all__ = ["EventsMiddleware"]
+
+
+class EventsMiddleware(Middleware):
+    """Keeps worker database connections healthy around each run message.
+
+    Django closes stale connections around each request; a worker thread has
+    no requests, so this does the same around each message of the run actor,
+    and closes every connection when the worker stops.
+    """
+
+    def before_process_message(self, broker: dramatiq.Broker, message: dramatiq.MessageProxy) -> None:
+        close_old_connections()
+
+    def after_process_message(
+        self,
+        broker: dramatiq.Broker,
+        message: dramatiq.MessageProxy,
+        *,
+        result: Any | None = None,
+        exception: BaseException | None = None,
+    ) -> None:
+        close_old_connections()
+
+    def after_skip_message(self, broker: dramatiq.Broker, message: dramatiq.MessageProxy) -> None:
+        close_old_connections()
+
+    def before_worker_thread_shutdown(self, broker: dramatiq.Broker, thread: Any) -> None:
+        connections.close_all()
+
+    def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        connections.close_all()

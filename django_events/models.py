@@ -1,0 +1,221 @@
+"""Events, the runs they cause, and each run's attempts: the ledger of what happened."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
+
+from .ids import uuid7
+
+__all__ = ["Attempt", "AttemptOutcome", "Event", "Run", "RunQuerySet", "RunStatus"]
+
+
+class RunStatus(models.TextChoices):
+    """Where a run stands. ``TRANSITIONS`` below says which moves are allowed."""
+
+    PENDING = "pending", _("pending")
+    """Waiting for its first attempt, or for a new one after a retry from the admin."""
+    RUNNING = "running", _("running")
+    """Held by a worker until ``lease_expires_at``; claimable again once the lease expires."""
+    RETRYING = "retrying", _("retrying")
+    """An attempt failed and another is due at ``due_at``."""
+    SUCCEEDED = "succeeded", _("succeeded")
+    """Final: the function returned; its value is in ``result``."""
+    DEAD = "dead", _("dead")
+    """Final: attempts ran out, or the function raised ``NonRetriableError``. Can be retried by hand."""
+    CANCELLED = "cancelled", _("cancelled")
+    """Final: cancelled before it ran; never executed, even if its message is still queued."""
+
+
+#: The state machine: for each status, the statuses a run may move to from it.
+#: Every conditional UPDATE that changes a run's status filters on this table.
+TRANSITIONS: dict[str, frozenset[str]] = {
+    RunStatus.PENDING: frozenset({RunStatus.RUNNING, RunStatus.CANCELLED}),
+    # RUNNING -> RUNNING: a worker died and another takes the run once its lease expired.
+    RunStatus.RUNNING: frozenset(
+        {RunStatus.SUCCEEDED, RunStatus.RETRYING, RunStatus.DEAD, RunStatus.RUNNING}
+    ),
+    RunStatus.RETRYING: frozenset({RunStatus.RUNNING, RunStatus.CANCELLED}),
+    RunStatus.SUCCEEDED: frozenset({RunStatus.PENDING}),
+    RunStatus.DEAD: frozenset({RunStatus.PENDING}),
+    RunStatus.CANCELLED: frozenset({RunStatus.PENDING}),
+}
+
+#: Statuses a run never leaves by itself.
+FINAL_STATUSES: frozenset[str] = frozenset({RunStatus.SUCCEEDED, RunStatus.DEAD, RunStatus.CANCELLED})
+#: Statuses whose runs wait for a worker to take them at ``due_at``.
+WAITING_STATUSES: frozenset[str] = frozenset({RunStatus.PENDING, RunStatus.RETRYING})
+
+
+def sources_of(target: str) -> list[str]:
+    """The statuses from which a run may move to ``target``."""
+    return sorted(status for status, targets in TRANSITIONS.items() if target in targets)
+
+
+class AttemptOutcome(models.TextChoices):
+    """How one attempt ended."""
+
+    SUCCEEDED = "succeeded", _("succeeded")
+    """The function returned."""
+    FAILED = "failed", _("failed")
+    """The function raised; the run was retried or went dead."""
+    TIMED_OUT = "timed_out", _("timed out")
+    """The function ran past its time limit and was interrupted."""
+
+
+class Event(models.Model):
+    """A fact that happened, as sent by ``django_events.send()``. Immutable once stored."""
+
+    id = models.UUIDField(primary_key=True, default=uuid7, editable=False)
+    name = models.CharField(max_length=255)
+    data = models.JSONField(default=dict, blank=True)
+    idempotency_key = models.CharField(
+        max_length=255,
+        null=True,
+        blank=True,
+        unique=True,
+        help_text=_("The id given to send(); a second send with the same id returns this event."),
+    )
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [
+            models.Index(fields=["-created_at"], name="django_events_event_created"),
+            models.Index(fields=["name", "-created_at"], name="django_events_event_name"),
+        ]
+        permissions = [("replay_event", "Can replay events")]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.pk})"
+
+
+class RunQuerySet(models.QuerySet["Run"]):
+    """Named filters for runs."""
+
+    def final(self) -> RunQuerySet:
+        """Runs that ended: succeeded, dead or cancelled."""
+        return self.filter(status__in=FINAL_STATUSES)
+
+    def not_final(self) -> RunQuerySet:
+        """Runs still to be executed, or being executed."""
+        return self.exclude(status__in=FINAL_STATUSES)
+
+    def dead(self) -> RunQuerySet:
+        """Runs in the dead-letter state."""
+        return self.filter(status=RunStatus.DEAD)
+
+    def waiting(self) -> RunQuerySet:
+        """Pending or retrying runs, due now or later."""
+        return self.filter(status__in=WAITING_STATUSES)
+
+    def due(self, now: dt.datetime | None = None) -> RunQuerySet:
+        """Pending or retrying runs whose ``due_at`` has come."""
+        return self.waiting().filter(due_at__lte=now or timezone.now())
+
+    def claimable(self, now: dt.datetime, *, ignore_due: bool = False) -> RunQuerySet:
+        """Runs a worker may take now: due waiting runs, and running runs whose lease expired."""
+        waiting = Q(status__in=WAITING_STATUSES)
+        if not ignore_due:
+            waiting &= Q(due_at__lte=now)
+        return self.filter(waiting | Q(status=RunStatus.RUNNING, lease_expires_at__lt=now))
+
+    def move(self, to: str, **changes: Any) -> int:
+        """Move the runs of this queryset that may go to ``to`` there, in one UPDATE.
+
+        Returns the number of runs moved; runs in a status from which ``to`` is
+        not allowed are left alone.
+        """
+        return self.filter(status__in=sources_of(to)).update(status=to, **changes)
+
+
+class Run(models.Model):
+    """One execution of one function for one event, with its attempts."""
+
+    id = models.UUIDField(primary_key=True, default=uuid7, editable=False)
+    event = models.ForeignKey(Event, on_delete=models.CASCADE, related_name="runs")
+    function = models.CharField(max_length=255, help_text=_("The id of the function this run executes."))
+    status = models.CharField(max_length=16, choices=RunStatus.choices, default=RunStatus.PENDING)
+    attempts = models.PositiveIntegerField(default=0, help_text=_("Attempts started so far."))
+    max_attempts = models.PositiveIntegerField(help_text=_("Attempts allowed: the first one plus retries."))
+    result = models.JSONField(null=True, blank=True, help_text=_("What the function returned."))
+    last_error = models.TextField(blank=True, help_text=_("Type and message of the last failure."))
+    due_at = models.DateTimeField(
+        null=True, blank=True, help_text=_("When a pending or retrying run is next due to be attempted.")
+    )
+    lease_expires_at = models.DateTimeField(
+        null=True, blank=True, help_text=_("Until when the worker running this run holds it.")
+    )
+    started_at = models.DateTimeField(null=True, blank=True, help_text=_("When the first attempt started."))
+    finished_at = models.DateTimeField(
+        null=True, blank=True, help_text=_("When the run reached a final status.")
+    )
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    objects = RunQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [
+            models.Index(fields=["-created_at"], name="django_events_run_created"),
+            models.Index(fields=["status", "-created_at"], name="django_events_run_status"),
+            models.Index(fields=["function", "-created_at"], name="django_events_run_function"),
+            models.Index(
+                fields=["due_at"],
+                condition=Q(status__in=sorted(WAITING_STATUSES)),
+                name="django_events_run_due",
+            ),
+            models.Index(
+                fields=["lease_expires_at"],
+                condition=Q(status=RunStatus.RUNNING),
+                name="django_events_run_lease",
+            ),
+        ]
+        permissions = [
+            ("retry_run", "Can retry runs"),
+            ("cancel_run", "Can cancel runs"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.function} [{self.status}]"
+
+    @property
+    def is_final(self) -> bool:
+        """Whether the run has ended (succeeded, dead or cancelled)."""
+        return self.status in FINAL_STATUSES
+
+
+class Attempt(models.Model):
+    """One try of a run: when, where, and how it ended."""
+
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="attempt_set")
+    number = models.PositiveIntegerField(help_text=_("1 for the first attempt."))
+    started_at = models.DateTimeField()
+    finished_at = models.DateTimeField()
+    outcome = models.CharField(max_length=16, choices=AttemptOutcome.choices)
+    exc_type = models.CharField(
+        max_length=255, blank=True, help_text=_("Dotted name of the exception raised.")
+    )
+    message = models.TextField(blank=True, help_text=_("The exception's message."))
+    traceback = models.TextField(blank=True)
+    worker_host = models.CharField(max_length=255, blank=True)
+    worker_pid = models.PositiveIntegerField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["run", "number"]
+        constraints = [
+            models.UniqueConstraint(fields=["run", "number"], name="django_events_attempt_unique_number"),
+        ]
+
+    def __str__(self) -> str:
+        return f"attempt {self.number} of {self.run_id}: {self.outcome}"
+
+    @property
+    def duration(self) -> dt.timedelta:
+        """How long the attempt took."""
+        return self.finished_at - self.started_at

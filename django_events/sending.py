@@ -1,0 +1,212 @@
+"""``send()`` and ``send_many()``: validate, store the event and its runs, enqueue on commit.
+
+Models are imported inside the functions: this module is imported by
+``django_events/__init__.py``, which must load before the apps are ready.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from django.db import IntegrityError, router, transaction
+from django.utils import timezone
+
+from .conf import get_settings
+from .exceptions import EventValidationError
+from .registry import MAX_NAME_LENGTH, functions_for, validate_event_name
+
+if TYPE_CHECKING:
+    from .models import Event, Run
+
+__all__ = ["send", "send_many"]
+
+logger = logging.getLogger("django_events")
+
+# A JSON text holds a NUL character as the escape \u0000 (preceded by an even
+# number of backslashes). PostgreSQL's jsonb refuses it, so we refuse it everywhere.
+_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+_ITEM_KEYS = frozenset({"name", "data", "id"})
+
+
+@dataclass(frozen=True)
+class _Outgoing:
+    name: str
+    data: dict[str, Any]
+    key: str | None
+
+
+def send(name: str, data: Mapping[str, Any] | None = None, *, id: str | None = None) -> Event:
+    """Store an event and one run per subscribed function; enqueue the runs when the transaction commits.
+
+    Args:
+        name: the event's name, 1 to 255 characters without whitespace, such as ``"api/source.connected"``.
+        data: a JSON object (a ``dict`` of JSON values); ``None`` stores ``{}``.
+        id: an optional idempotency key. If an event with this key exists, it is
+            returned and nothing new is stored or run.
+
+    Inside ``transaction.atomic()`` the event and its runs are written in the
+    caller's transaction: if it rolls back, nothing is stored and nothing runs.
+    Outside one, they are committed before ``send`` returns.
+
+    Returns:
+        The stored ``Event`` (the earlier one, for a repeated ``id``).
+
+    Raises:
+        EventValidationError: bad name, data or id; nothing was stored.
+    """
+    return _store([_validate(name, data, id)])[0]
+
+
+def send_many(events: Iterable[Mapping[str, Any]]) -> list[Event]:
+    """Send many events at once with bulk inserts; all are stored, or none.
+
+    Args:
+        events: mappings with the keys of :func:`send`'s arguments:
+            ``{"name": ..., "data": ..., "id": ...}`` (``data`` and ``id`` optional).
+
+    Returns:
+        The stored events, in the order given.
+
+    Raises:
+        EventValidationError: any item is invalid; nothing was stored.
+    """
+    outgoing = []
+    for index, item in enumerate(events):
+        if not isinstance(item, Mapping):
+            raise EventValidationError(
+                f"send_many() takes mappings such as {{'name': ..., 'data': ...}}; item {index} is a "
+                f"{type(item).__name__}."
+            )
+        unknown = set(item) - _ITEM_KEYS
+        if unknown or "name" not in item:
+            raise EventValidationError(
+                f"Item {index} of send_many() must have a 'name' and may have 'data' and 'id'; "
+                f"got the keys {sorted(map(str, item))}."
+            )
+        try:
+            outgoing.append(_validate(item["name"], item.get("data"), item.get("id")))
+        except EventValidationError as exc:
+            raise EventValidationError(f"Item {index} of send_many(): {exc}") from exc
+    if not outgoing:
+        return []
+    return _store(outgoing)
+
+
+def _validate(name: object, data: object, key: object) -> _Outgoing:
+    validate_event_name(name)
+    assert isinstance(name, str)
+    if key is not None and (not isinstance(key, str) or not key or len(key) > MAX_NAME_LENGTH):
+        raise EventValidationError(
+            f"An event id must be a non-empty str of at most {MAX_NAME_LENGTH} characters, not {key!r}."
+        )
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise EventValidationError(f"Event data must be a dict (a JSON object), not {type(data).__name__}.")
+    try:
+        text = json.dumps(data, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise EventValidationError(f"Event data for {name!r} is not JSON-serialisable: {exc}.") from exc
+    if _NUL_ESCAPE.search(text):
+        raise EventValidationError(f"Event data for {name!r} contains a NUL character (\\u0000).")
+    size = len(text.encode("utf-8"))
+    limit = get_settings().MAX_EVENT_BYTES
+    if size > limit:
+        raise EventValidationError(
+            f"Event data for {name!r} is {size} bytes as JSON, over the limit of {limit} "
+            "(DJANGO_EVENTS['MAX_EVENT_BYTES'])."
+        )
+    # Store what the function will read back: tuples become lists, keys strings.
+    return _Outgoing(name=name, data=json.loads(text), key=key)
+
+
+def _store(outgoing: list[_Outgoing]) -> list[Event]:
+    from .models import Event, Run
+
+    using = router.db_for_write(Event)
+    now = timezone.now()
+    with transaction.atomic(using=using):
+        by_key = _insert_events(outgoing, using, now)
+        result: list[Event] = []
+        runs: list[Run] = []
+        for item in outgoing:
+            event, is_new = by_key[item.key] if item.key is not None else (_new_event(item, now), True)
+            if is_new:
+                if item.key is not None:
+                    by_key[item.key] = (event, False)  # a repeated id in one batch runs once
+                for spec in functions_for(item.name):
+                    runs.append(
+                        Run(
+                            event=event,
+                            function=spec.id,
+                            max_attempts=spec.max_attempts(),
+                            due_at=now,
+                            created_at=now,
+                        )
+                    )
+            result.append(event)
+        unkeyed = [event for item, event in zip(outgoing, result, strict=True) if item.key is None]
+        if unkeyed:
+            Event.objects.using(using).bulk_create(unkeyed)
+        if runs:
+            Run.objects.using(using).bulk_create(runs)
+            refs = [(run.pk, run.function) for run in runs]
+            transaction.on_commit(lambda: _enqueue_after_commit(refs), using=using)
+    return result
+
+
+def _new_event(item: _Outgoing, now: Any) -> Event:
+    from .models import Event
+
+    return Event(name=item.name, data=item.data, idempotency_key=item.key, created_at=now)
+
+
+def _insert_events(outgoing: list[_Outgoing], using: str, now: Any) -> dict[str, tuple[Event, bool]]:
+    """Insert the events that carry an idempotency key; return ``key -> (event, inserted now)``.
+
+    A key already stored, even by a concurrent transaction that commits while we
+    insert, maps to the stored event. Events without a key are left to the caller.
+    """
+    from .models import Event
+
+    keyed = {item.key: item for item in outgoing if item.key is not None}
+    found: dict[str, tuple[Event, bool]] = {}
+    for tries_left in range(4, -1, -1):
+        for event in Event.objects.using(using).filter(idempotency_key__in=list(keyed)):
+            assert event.idempotency_key is not None
+            found[event.idempotency_key] = (event, False)
+            del keyed[event.idempotency_key]
+        if not keyed:
+            break
+        fresh = [_new_event(item, now) for item in keyed.values()]
+        try:
+            with transaction.atomic(using=using):
+                Event.objects.using(using).bulk_create(fresh)
+        except IntegrityError:
+            # Another transaction stored one of these keys meanwhile: look again.
+            if not tries_left:
+                raise
+            continue
+        for event in fresh:
+            assert event.idempotency_key is not None
+            found[event.idempotency_key] = (event, True)
+        break
+    return found
+
+
+def _enqueue_after_commit(refs: list[tuple[Any, str]]) -> None:
+    from .tasks import enqueue_run
+
+    for run_id, function_id in refs:
+        try:
+            enqueue_run(run_id, function_id)
+        except Exception:
+            # The run is committed and stays pending in the database; it is never lost.
+            logger.exception(
+                "Could not enqueue run %s of %s; it stays pending in the database.", run_id, function_id
+            )

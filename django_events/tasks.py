@@ -1,0 +1,77 @@
+"""The Dramatiq actor that executes runs, and the helper that sends its messages.
+
+``rundramatiq`` imports this module in every worker (django-dramatiq discovers
+each installed app's ``tasks`` module), and the app config imports it at startup
+so that web processes can send. A message carries only the run's id.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import dramatiq
+from dramatiq.errors import ActorNotFound
+
+from .conf import get_settings
+from .execution import execute_run
+from .registry import get_function
+
+__all__ = ["ACTOR_NAME", "MAX_DELAY_SECONDS", "enqueue_run", "get_actor"]
+
+#: The name of the actor every run message is sent to.
+ACTOR_NAME = "django_events.execute_run"
+#: Longest delay given to the broker (Redis refuses 7 days or more). A run due
+#: later gets a message that arrives early and is sent again for the remainder.
+MAX_DELAY_SECONDS = 6 * 24 * 3600
+
+
+def _execute(run_id: str) -> None:
+    execute_run(run_id)
+
+
+_declare_lock = threading.Lock()
+
+
+def get_actor(broker: dramatiq.Broker | None = None) -> dramatiq.Actor[[str], None]:
+    """The run actor on ``broker`` (default: the global broker), declared there if need be."""
+    broker = broker or dramatiq.get_broker()
+    try:
+        return broker.get_actor(ACTOR_NAME)
+    except ActorNotFound:
+        pass
+    with _declare_lock:
+        try:
+            return broker.get_actor(ACTOR_NAME)
+        except ActorNotFound:
+            pass
+        options: dict[str, Any] = {}
+        # Function failures are caught and retried from the ledger. The actor itself
+        # only raises when infrastructure fails (the database is unreachable, say):
+        # then let Dramatiq's Retries middleware send the message again.
+        if {"max_retries", "min_backoff", "max_backoff"} <= broker.actor_options:
+            options.update(max_retries=20, min_backoff=500, max_backoff=60_000)
+        return dramatiq.actor(
+            _execute,
+            actor_name=ACTOR_NAME,
+            queue_name=get_settings().QUEUE_NAME,
+            broker=broker,
+            **options,
+        )
+
+
+def enqueue_run(run_id: Any, function_id: str, *, delay: float | None = None) -> None:
+    """Send the message that executes run ``run_id``, after ``delay`` seconds if given."""
+    spec = get_function(function_id)
+    time_limit = spec.time_limit_ms() if spec is not None else get_settings().default_time_limit_ms
+    options: dict[str, Any] = {}
+    if time_limit is not None:
+        options["time_limit"] = time_limit
+    delay_ms = None
+    if delay is not None and delay > 0:
+        delay_ms = int(min(delay, MAX_DELAY_SECONDS) * 1000)
+    get_actor().send_with_options(args=(str(run_id),), delay=delay_ms, **options)
+
+
+# Declare the actor on the configured broker as soon as a worker imports this module.
+get_actor()

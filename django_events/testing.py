@@ -1,0 +1,74 @@
+"""Helpers for your own tests: execute runs synchronously, with no broker or worker.
+
+Example (pytest-django)::
+
+    from django_events import send
+    from django_events.testing import run_all
+
+    def test_connecting_a_source_backfills(db):
+        send("api/source.connected", {"source_id": 1})
+        runs = run_all()
+        assert [run.status for run in runs] == ["succeeded"]
+
+The runs go through the same claim, call and record code as in a worker, so
+attempts, results, tracebacks and retry counts are stored exactly as in
+production. Function time limits are not enforced here.
+"""
+
+from __future__ import annotations
+
+from django.utils import timezone
+
+from .execution import Execution, execute_run
+from .models import Run, RunStatus
+
+__all__ = ["RunsDidNotSettle", "run_all", "run_due"]
+
+
+class RunsDidNotSettle(AssertionError):
+    """Raised by ``run_all`` when runs keep coming (a function that sends its own event, say)."""
+
+
+def run_due() -> list[Run]:
+    """Execute once every pending or retrying run whose due time has come.
+
+    Returns the runs executed, reloaded from the database, oldest first.
+    Retries scheduled by these attempts are left for a later call.
+    """
+    ids = list(Run.objects.due(timezone.now()).order_by("created_at", "id").values_list("pk", flat=True))
+    executed = [pk for pk in ids if execute_run(pk, enqueue=False) is not Execution.SKIPPED]
+    return _reload(executed)
+
+
+def run_all(*, max_rounds: int = 100) -> list[Run]:
+    """Execute every pending and retrying run until all are final, skipping backoff delays.
+
+    Retries run at once instead of after their delay, and runs created by the
+    functions themselves (events they send) are executed too.
+
+    Args:
+        max_rounds: give up after this many passes over the waiting runs.
+
+    Returns:
+        Every run executed, reloaded from the database, in the order first executed.
+
+    Raises:
+        RunsDidNotSettle: runs were still waiting after ``max_rounds`` passes.
+    """
+    executed: dict[object, None] = {}
+    for _ in range(max_rounds):
+        ids = list(Run.objects.waiting().order_by("created_at", "id").values_list("pk", flat=True))
+        if not ids:
+            return _reload(list(executed))
+        for pk in ids:
+            if execute_run(pk, ignore_due=True, enqueue=False) is not Execution.SKIPPED:
+                executed.setdefault(pk)
+    still = Run.objects.waiting().count()
+    raise RunsDidNotSettle(
+        f"{still} run(s) were still {RunStatus.PENDING} or retrying after {max_rounds} rounds."
+    )
+
+
+def _reload(ids: list[object]) -> list[Run]:
+    runs = Run.objects.select_related("event").in_bulk(ids)
+    return [runs[pk] for pk in ids if pk in runs]

@@ -1,0 +1,78 @@
+"""Shared fixtures: real Dramatiq workers on real brokers, and waiting on conditions."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import dramatiq
+import pytest
+from django.conf import settings
+from dramatiq.brokers.rabbitmq import RabbitmqBroker
+from dramatiq.brokers.redis import RedisBroker
+from dramatiq.middleware import AgeLimit, Callbacks, Retries, TimeLimit
+
+from django_events.apps import install_broker_middleware
+from django_events.conf import get_settings
+
+
+def wait_for(predicate: Callable[[], Any], *, timeout: float = 30.0, interval: float = 0.05) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"condition not met within {timeout}s: {predicate.__doc__ or predicate}")
+        time.sleep(interval)
+
+
+def _middleware() -> list[dramatiq.Middleware]:
+    return [AgeLimit(), TimeLimit(interval=100), Callbacks(), Retries()]
+
+
+def make_broker(kind: str) -> dramatiq.Broker:
+    """A fresh broker of ``kind`` ("redis" or "rabbitmq") with django-events installed on it."""
+    if kind == "redis":
+        broker: dramatiq.Broker = RedisBroker(
+            url=settings.REDIS_URL, namespace=settings.REDIS_NAMESPACE, middleware=_middleware()
+        )
+    elif kind == "rabbitmq":
+        broker = RabbitmqBroker(url=settings.RABBITMQ_URL, middleware=_middleware())
+    else:  # pragma: no cover
+        raise ValueError(kind)
+    install_broker_middleware(broker)
+    broker.flush_all()
+    return broker
+
+
+@pytest.fixture(params=["redis", "rabbitmq"])
+def broker(request: pytest.FixtureRequest) -> Iterator[dramatiq.Broker]:
+    """A real broker, made the global one for the duration of the test."""
+    previous = dramatiq.get_broker()
+    broker = make_broker(request.param)
+    dramatiq.set_broker(broker)
+    try:
+        yield broker
+    finally:
+        broker.flush_all()
+        broker.close()
+        dramatiq.set_broker(previous)
+
+
+@pytest.fixture
+def worker(broker: dramatiq.Broker, transactional_db: None) -> Iterator[dramatiq.Worker]:
+    """A Dramatiq worker with two threads consuming the broker, stopped after the test."""
+    worker = dramatiq.Worker(broker, worker_threads=2, worker_timeout=50)
+    worker.start()
+    try:
+        yield worker
+    finally:
+        worker.stop()
+
+
+@pytest.fixture
+def queue_name() -> str:
+    return get_settings().QUEUE_NAME

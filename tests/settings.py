@@ -1,0 +1,114 @@
+"""Settings for the test suite.
+
+The database comes from ``DATABASE_URL`` (default: an SQLite file), the
+Dramatiq broker is the real Redis at ``REDIS_URL`` (default
+``redis://127.0.0.1:6379/0``) under a namespace of its own per test session, so
+that parallel runs and leftovers never meet.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import environ
+
+BASE_DIR = Path(__file__).resolve().parent
+env = environ.Env()
+
+SECRET_KEY = "tests-only-not-secret"
+DEBUG = False
+USE_TZ = True
+TIME_ZONE = "UTC"
+ALLOWED_HOSTS = ["*"]
+ROOT_URLCONF = "tests.urls"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django_dramatiq",
+    "django_events",
+    "tests.testapp",
+]
+MIDDLEWARE = [
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+]
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ]
+        },
+    }
+]
+STATIC_URL = "/static/"
+
+# A name of its own per tox environment, so that environments may run side by side.
+_suffix = re.sub(r"\W", "_", os.environ.get("TOX_ENV_NAME", "local"))
+DATABASES = {
+    "default": env.db("DATABASE_URL", default=f"sqlite:///{BASE_DIR.parent / 'var' / 'tests.sqlite3'}")
+}
+_db = DATABASES["default"]
+if _db["ENGINE"] == "django.db.backends.sqlite3":
+    # A file, not memory: worker threads and processes must see the same database.
+    _db.setdefault("TEST", {})["NAME"] = str(BASE_DIR.parent / "var" / f"test_{_suffix}.sqlite3")
+    _db.setdefault("OPTIONS", {}).update(
+        timeout=30,
+        transaction_mode="IMMEDIATE",
+        init_command="PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+    )
+    (BASE_DIR.parent / "var").mkdir(exist_ok=True)
+else:
+    _db.setdefault("TEST", {})["NAME"] = f"test_django_events_{_suffix}"
+# Processes started by the tests (rundramatiq) are pointed at the test database with this.
+if os.environ.get("DJANGO_EVENTS_TEST_DATABASE_NAME"):
+    _db["NAME"] = os.environ["DJANGO_EVENTS_TEST_DATABASE_NAME"]
+
+REDIS_URL = env.str("REDIS_URL", default="redis://127.0.0.1:6379/0")
+RABBITMQ_URL = env.str("RABBITMQ_URL", default="amqp://guest:guest@127.0.0.1:5672/%2F")
+# Set once per test session and inherited by the processes it starts.
+REDIS_NAMESPACE = os.environ.setdefault("DJANGO_EVENTS_TEST_NAMESPACE", f"django-events-test-{os.getpid()}")
+
+DRAMATIQ_BROKER = {
+    "BROKER": "dramatiq.brokers.redis.RedisBroker",
+    "OPTIONS": {"url": REDIS_URL, "namespace": REDIS_NAMESPACE},
+    "MIDDLEWARE": [
+        "dramatiq.middleware.AgeLimit",
+        "dramatiq.middleware.TimeLimit",
+        "dramatiq.middleware.Callbacks",
+        "dramatiq.middleware.Retries",
+    ],
+}
+
+DJANGO_EVENTS = {
+    "RETRY_BACKOFF_MIN": 0.05,
+    "RETRY_BACKOFF_MAX": 0.2,
+    "QUEUE_NAME": "django_events_tests",
+}
+
+EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "loggers": {
+        "django_events": {"handlers": ["console"], "level": env.str("DJANGO_EVENTS_LOG_LEVEL", "WARNING")}
+    },
+}

@@ -1,0 +1,82 @@
+"""Functions the tests subscribe; each records its calls in ``Call`` rows."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import django_events
+from django_events import NonRetriableError, RetryAfterError
+from django_events.registry import Context
+
+from .models import Call
+
+
+def _record(ctx: Context, name: str) -> None:
+    Call.objects.create(function=name, run_id=str(ctx.run_id), attempt=ctx.attempt, event_name=ctx.event.name)
+
+
+@django_events.function("test/ok", "test/also-ok", id="tests.ok")
+def ok(ctx: Context) -> dict[str, Any]:
+    _record(ctx, "ok")
+    return {"echo": ctx.event.data, "attempt": ctx.attempt}
+
+
+@django_events.function("test/fanout", id="tests.fanout_a")
+def fanout_a(ctx: Context) -> str:
+    _record(ctx, "fanout_a")
+    return "a"
+
+
+@django_events.function("test/fanout", id="tests.fanout_b")
+def fanout_b(ctx: Context) -> str:
+    _record(ctx, "fanout_b")
+    return "b"
+
+
+@django_events.function("test/fanout", id="tests.fanout_c")
+def fanout_c(ctx: Context) -> None:
+    _record(ctx, "fanout_c")
+
+
+@django_events.function("test/flaky", id="tests.flaky", retries=3)
+def flaky(ctx: Context) -> dict[str, int]:
+    """Fails until attempt ``data["succeed_on"]``."""
+    _record(ctx, "flaky")
+    if ctx.attempt < ctx.event.data["succeed_on"]:
+        raise ConnectionError(f"flaky failure on attempt {ctx.attempt}")
+    return {"attempt": ctx.attempt}
+
+
+@django_events.function("test/always-fails", id="tests.always_fails", retries=2)
+def always_fails(ctx: Context) -> None:
+    _record(ctx, "always_fails")
+    raise ValueError(f"<b>broken</b> on attempt {ctx.attempt}")
+
+
+@django_events.function("test/non-retriable", id="tests.non_retriable", retries=5)
+def non_retriable(ctx: Context) -> None:
+    _record(ctx, "non_retriable")
+    raise NonRetriableError("the source was deleted")
+
+
+@django_events.function("test/retry-after", id="tests.retry_after", retries=2)
+def retry_after(ctx: Context) -> int:
+    _record(ctx, "retry_after")
+    if ctx.attempt == 1:
+        raise RetryAfterError(ctx.event.data["seconds"], "rate limited")
+    return ctx.attempt
+
+
+@django_events.function("test/bad-result", id="tests.bad_result")
+def bad_result(ctx: Context) -> object:
+    _record(ctx, "bad_result")
+    return object()
+
+
+@django_events.function("test/slow", id="tests.slow", retries=0, time_limit=0.5)
+def slow(ctx: Context) -> None:
+    _record(ctx, "slow")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # interruptible busy wait, like real CPU-bound work
+        sum(range(1000))

@@ -1,0 +1,14 @@
+from django.db import models
+
+
+class Call(models.Model):
+    """One call of a test function, written by the function itself (from any process)."""
+
+    function = models.CharField(max_length=100)
+    run_id = models.CharField(max_length=64)
+    attempt = models.PositiveIntegerField()
+    event_name = models.CharField(max_length=255)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"{self.function} attempt {self.attempt} of run {self.run_id}"
