@@ -16,6 +16,7 @@ import os
 import random
 import socket
 import traceback
+import uuid
 from collections.abc import MutableMapping
 from dataclasses import dataclass
 from functools import cache
@@ -112,6 +113,11 @@ def execute_run(run_id: Any, *, ignore_due: bool = False, enqueue: bool = True) 
     A run that cannot be claimed (unknown, final, held by a live lease) is
     skipped, so duplicate deliveries of a message are harmless.
     """
+    try:
+        run_id = uuid.UUID(str(run_id))
+    except ValueError:
+        logger.warning("Dropped a message for run %r: not a run id.", run_id)
+        return Execution.SKIPPED
     using = router.db_for_write(Run)
     now = timezone.now()
     run = Run.objects.using(using).select_related("event").filter(pk=run_id).first()

@@ -174,7 +174,10 @@ def _insert_events(outgoing: list[_Outgoing], using: str, now: Any) -> dict[str,
     """
     from .models import Event
 
-    keyed = {item.key: item for item in outgoing if item.key is not None}
+    keyed: dict[str, _Outgoing] = {}
+    for item in outgoing:
+        if item.key is not None:
+            keyed.setdefault(item.key, item)  # the first of a repeated key wins
     found: dict[str, tuple[Event, bool]] = {}
     for tries_left in range(4, -1, -1):
         for event in Event.objects.using(using).filter(idempotency_key__in=list(keyed)):

@@ -65,6 +65,7 @@ def broker(request: pytest.FixtureRequest) -> Iterator[dramatiq.Broker]:
 @pytest.fixture
 def worker(broker: dramatiq.Broker, transactional_db: None) -> Iterator[dramatiq.Worker]:
     """A Dramatiq worker with two threads consuming the broker, stopped after the test."""
+    broker.emit_after("process_boot")  # as the dramatiq CLI does: starts the TimeLimit watcher
     worker = dramatiq.Worker(broker, worker_threads=2, worker_timeout=50)
     worker.start()
     try:

@@ -2,8 +2,8 @@
 
 The database comes from ``DATABASE_URL`` (default: an SQLite file), the
 Dramatiq broker is the real Redis at ``REDIS_URL`` (default
-``redis://127.0.0.1:6379/0``) under a namespace of its own per test session, so
-that parallel runs and leftovers never meet.
+``redis://127.0.0.1:6379/0``) under a namespace and queue of its own per tox
+environment, so that environments running side by side never meet.
 """
 
 from __future__ import annotations
@@ -81,8 +81,8 @@ if os.environ.get("DJANGO_EVENTS_TEST_DATABASE_NAME"):
 
 REDIS_URL = env.str("REDIS_URL", default="redis://127.0.0.1:6379/0")
 RABBITMQ_URL = env.str("RABBITMQ_URL", default="amqp://guest:guest@127.0.0.1:5672/%2F")
-# Set once per test session and inherited by the processes it starts.
-REDIS_NAMESPACE = os.environ.setdefault("DJANGO_EVENTS_TEST_NAMESPACE", f"django-events-test-{os.getpid()}")
+# Per tox environment, so that environments running side by side never share a queue.
+REDIS_NAMESPACE = f"django-events-test-{_suffix}"
 
 DRAMATIQ_BROKER = {
     "BROKER": "dramatiq.brokers.redis.RedisBroker",
@@ -98,7 +98,7 @@ DRAMATIQ_BROKER = {
 DJANGO_EVENTS = {
     "RETRY_BACKOFF_MIN": 0.05,
     "RETRY_BACKOFF_MAX": 0.2,
-    "QUEUE_NAME": "django_events_tests",
+    "QUEUE_NAME": f"django_events_tests_{_suffix}",
 }
 
 EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
