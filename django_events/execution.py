@@ -69,7 +69,7 @@ class _Failure:
     retry_in: float | None  # seconds; None: the run goes dead
 
 
-class _RunLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
+class _RunLogger(logging.LoggerAdapter[logging.Logger]):
     def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
         extra = self.extra or {}
         kwargs.setdefault("extra", {}).update(extra)
@@ -272,7 +272,7 @@ def _record(
             attempt_row.save(using=using, force_insert=True)
             if to == RunStatus.RETRYING and enqueue:
                 run.due_at = changes["due_at"]
-                delay = failure.retry_in if failure is not None else 0
+                delay = (changes["due_at"] - finished).total_seconds()
                 transaction.on_commit(lambda: _enqueue(run, delay=delay), using=using)
         else:
             _keep_stale_attempt(attempt_row, using)

@@ -51,13 +51,10 @@ def get_actor(broker: dramatiq.Broker | None = None) -> dramatiq.Actor[[str], No
         # then let Dramatiq's Retries middleware send the message again.
         if {"max_retries", "min_backoff", "max_backoff"} <= broker.actor_options:
             options.update(max_retries=20, min_backoff=500, max_backoff=60_000)
-        return dramatiq.actor(
-            _execute,
-            actor_name=ACTOR_NAME,
-            queue_name=get_settings().QUEUE_NAME,
-            broker=broker,
-            **options,
+        declare = dramatiq.actor(
+            actor_name=ACTOR_NAME, queue_name=get_settings().QUEUE_NAME, broker=broker, **options
         )
+        return declare(_execute)
 
 
 def enqueue_run(run_id: Any, function_id: str, *, delay: float | None = None) -> None:

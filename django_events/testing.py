@@ -17,6 +17,9 @@ production. Function time limits are not enforced here.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 from django.utils import timezone
 
 from .execution import Execution, execute_run
@@ -55,7 +58,7 @@ def run_all(*, max_rounds: int = 100) -> list[Run]:
     Raises:
         RunsDidNotSettle: runs were still waiting after ``max_rounds`` passes.
     """
-    executed: dict[object, None] = {}
+    executed: dict[Any, None] = {}
     for _ in range(max_rounds):
         ids = list(Run.objects.waiting().order_by("created_at", "id").values_list("pk", flat=True))
         if not ids:
@@ -69,6 +72,6 @@ def run_all(*, max_rounds: int = 100) -> list[Run]:
     )
 
 
-def _reload(ids: list[object]) -> list[Run]:
+def _reload(ids: Sequence[Any]) -> list[Run]:
     runs = Run.objects.select_related("event").in_bulk(ids)
     return [runs[pk] for pk in ids if pk in runs]
