@@ -35,6 +35,7 @@ INSTALLED_APPS = [
     "django_dramatiq",
     "django_events",
     "tests.testapp",
+    "example_project.sources",  # for the README's testing example
 ]
 MIDDLEWARE = [
     "django.contrib.sessions.middleware.SessionMiddleware",

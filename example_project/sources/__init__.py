@@ -1,0 +1,1 @@
+"""Sources: the example app. Connecting a source sends ``api/source.connected``."""
