@@ -139,6 +139,9 @@ class Run(models.Model):
 
     id = models.UUIDField(primary_key=True, default=uuid7, editable=False)
     event = models.ForeignKey(Event, on_delete=models.CASCADE, related_name="runs")
+    event_name = models.CharField(
+        max_length=255, help_text=_("The event's name, kept on the run so that runs filter by it fast.")
+    )
     function = models.CharField(max_length=255, help_text=_("The id of the function this run executes."))
     status = models.CharField(max_length=16, choices=RunStatus.choices, default=RunStatus.PENDING)
     attempts = models.PositiveIntegerField(default=0, help_text=_("Attempts started so far."))
@@ -165,6 +168,7 @@ class Run(models.Model):
             models.Index(fields=["-created_at"], name="django_events_run_created"),
             models.Index(fields=["status", "-created_at"], name="django_events_run_status"),
             models.Index(fields=["function", "-created_at"], name="django_events_run_function"),
+            models.Index(fields=["event_name", "-created_at"], name="django_events_run_event_name"),
             models.Index(
                 fields=["due_at"],
                 condition=Q(status__in=sorted(WAITING_STATUSES)),

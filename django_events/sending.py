@@ -6,6 +6,7 @@ Models are imported inside the functions: this module is imported by
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import re
@@ -139,25 +140,41 @@ def _store(outgoing: list[_Outgoing]) -> list[Event]:
             if is_new:
                 if item.key is not None:
                     by_key[item.key] = (event, False)  # a repeated id in one batch runs once
-                for spec in functions_for(item.name):
-                    runs.append(
-                        Run(
-                            event=event,
-                            function=spec.id,
-                            max_attempts=spec.max_attempts(),
-                            due_at=now,
-                            created_at=now,
-                        )
-                    )
+                runs.extend(new_runs(event, now))
             result.append(event)
         unkeyed = [event for item, event in zip(outgoing, result, strict=True) if item.key is None]
         if unkeyed:
             Event.objects.using(using).bulk_create(unkeyed)
         if runs:
             Run.objects.using(using).bulk_create(runs)
-            refs = [(run.pk, run.function) for run in runs]
-            transaction.on_commit(lambda: _enqueue_after_commit(refs), using=using)
+            enqueue_on_commit([(run.pk, run.function) for run in runs], using)
     return result
+
+
+def new_runs(event: Event, now: dt.datetime) -> list[Run]:
+    """Unsaved pending runs of ``event``, one per function subscribed to its name now."""
+    from .models import Run
+
+    return [
+        Run(
+            event=event,
+            event_name=event.name,
+            function=spec.id,
+            max_attempts=spec.max_attempts(),
+            due_at=now,
+            created_at=now,
+        )
+        for spec in functions_for(event.name)
+    ]
+
+
+def enqueue_on_commit(refs: list[tuple[Any, str]], using: str) -> None:
+    """Send the messages of runs ``(run id, function id)`` once the current transaction commits.
+
+    A broker failure is logged, never raised: the runs stay in the database.
+    """
+    if refs:
+        transaction.on_commit(lambda: _enqueue_after_commit(refs), using=using)
 
 
 def _new_event(item: _Outgoing, now: Any) -> Event:

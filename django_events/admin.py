@@ -1,0 +1,607 @@
+"""The run inspector: run history, attempts and tracebacks, retry / cancel / replay, an overview.
+
+History is read-only here: nobody edits a run by hand. The actions go through
+``django_events.control``, are POST with CSRF, and need the permissions
+``django_events.retry_run``, ``django_events.cancel_run`` and
+``django_events.replay_event``. Lists never count a whole table (a capped
+count), and every filter and the default ordering have an index.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+from django.contrib import admin, messages
+from django.contrib.admin.views.main import ChangeList
+from django.core.exceptions import PermissionDenied
+from django.core.paginator import Paginator
+from django.db import connections
+from django.db.models import Count, Q, QuerySet
+from django.db.models.fields.json import KeyTransform
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseNotAllowed, HttpResponseRedirect
+from django.shortcuts import get_object_or_404
+from django.template.response import TemplateResponse
+from django.urls import URLPattern, path, reverse
+from django.utils import timezone
+from django.utils.functional import Promise, cached_property
+from django.utils.html import format_html, format_html_join
+from django.utils.safestring import SafeString
+from django.utils.translation import gettext_lazy as _
+from django.utils.translation import ngettext
+
+from . import control
+from .models import FINAL_STATUSES, Attempt, Event, Run, RunStatus, sources_of
+from .registry import registered_functions
+
+__all__ = ["CappedCountPaginator", "EventAdmin", "RunAdmin"]
+
+StrOrPromise = str | Promise
+
+#: Statuses a run can be retried from, and cancelled from (derived from the state machine).
+RETRYABLE = frozenset(sources_of(RunStatus.PENDING))
+CANCELLABLE = frozenset(sources_of(RunStatus.CANCELLED))
+
+
+class CappedCountPaginator(Paginator):  # type: ignore[type-arg]
+    """Counts at most ``cap + 1`` rows, so a list over a million rows costs an index range, not a scan.
+
+    Pages past the cap are not linked; filter or search to narrow the list.
+    """
+
+    #: The most rows counted.
+    cap = 10_000
+
+    @cached_property
+    def count(self) -> int:
+        object_list = self.object_list
+        if isinstance(object_list, QuerySet):
+            return object_list[: self.cap + 1].count()
+        return len(object_list)
+
+    @property
+    def capped(self) -> bool:
+        """Whether there may be more rows than ``count`` says."""
+        return self.count > self.cap
+
+
+def _status_badge(status: str) -> SafeString:
+    return format_html(
+        '<span class="de-badge de-badge-{}">{}</span>', status, RunStatus(status).label if status else "-"
+    )
+
+
+def _pretty_json(value: Any) -> SafeString:
+    text = json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False)
+    return format_html('<pre class="de-pre">{}</pre>', text)
+
+
+def _duration(start: dt.datetime | None, end: dt.datetime | None) -> str:
+    if start is None or end is None:
+        return "-"
+    seconds = (end - start).total_seconds()
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    return f"{seconds / 60:.1f} min"
+
+
+def _not_found() -> NoReturn:
+    raise Http404
+
+
+def _as_uuid(term: str) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(term)
+    except ValueError:
+        return None
+
+
+class _RegistryChoicesFilter(admin.SimpleListFilter):
+    """A filter whose choices come from the registered functions, not from a DISTINCT over the table."""
+
+    field: str
+
+    def choices_from_registry(self) -> list[str]:
+        raise NotImplementedError
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin[Any]) -> list[tuple[str, str]]:
+        values = set(self.choices_from_registry())
+        current = self.value()
+        if current:
+            values.add(current)  # a function removed since still filters
+        return [(value, value) for value in sorted(values)]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        value = self.value()
+        return queryset.filter(**{self.field: value}) if value else queryset
+
+
+class FunctionFilter(_RegistryChoicesFilter):
+    title = _("function")
+    parameter_name = "function"
+    field = "function"
+
+    def choices_from_registry(self) -> list[str]:
+        return [function.id for function in registered_functions()]
+
+
+class EventNameFilter(_RegistryChoicesFilter):
+    title = _("event name")
+    parameter_name = "event_name"
+    field = "event_name"
+
+    def choices_from_registry(self) -> list[str]:
+        return [trigger for function in registered_functions() for trigger in function.triggers]
+
+
+class _ReadOnlyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    """History is never added, edited or deleted by hand here."""
+
+    paginator = CappedCountPaginator
+    show_full_result_count = False
+    list_per_page = 50
+
+    class Media:
+        css = {"all": ["django_events/admin.css"]}
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def _post_only(self, request: HttpRequest) -> HttpResponse | None:
+        return None if request.method == "POST" else HttpResponseNotAllowed(["POST"])
+
+
+@admin.register(Run)
+class RunAdmin(_ReadOnlyAdmin):
+    list_display = [
+        "function",
+        "event_link",
+        "status_badge",
+        "attempts_used",
+        "duration",
+        "next_retry",
+        "created_at",
+    ]
+    list_filter = ["status", FunctionFilter, EventNameFilter]
+    date_hierarchy = "created_at"
+    search_fields = ["function"]  # shows the search box; get_search_results does the work
+    search_help_text = _(
+        "A run or event id, an idempotency key, an event name or function id (exact), "
+        "or words from the error message."
+    )
+    ordering = ["-created_at"]
+    actions = ["retry_selected", "cancel_selected"]
+    fields = readonly_fields = (
+        "id",
+        "function",
+        "event_link",
+        "status_badge",
+        "attempts_used",
+        "created_at",
+        "started_at",
+        "finished_at",
+        "duration",
+        "next_retry",
+        "lease_expires_at",
+        "last_error",
+        "event_data",
+        "result_json",
+        "attempt_history",
+    )
+
+    # -- columns and fields ----------------------------------------------------------------
+
+    @admin.display(description=_("event"), ordering="event_name")
+    def event_link(self, run: Run) -> SafeString:
+        url = reverse("admin:django_events_event_change", args=[run.event_id])
+        return format_html('<a href="{}">{}</a>', url, run.event_name)
+
+    @admin.display(description=_("status"), ordering="status")
+    def status_badge(self, run: Run) -> SafeString:
+        return _status_badge(run.status)
+
+    @admin.display(description=_("attempts"))
+    def attempts_used(self, run: Run) -> str:
+        return f"{run.attempts} / {run.max_attempts}"
+
+    @admin.display(description=_("duration"))
+    def duration(self, run: Run) -> str:
+        return _duration(run.started_at, run.finished_at)
+
+    @admin.display(description=_("next retry"), ordering="due_at")
+    def next_retry(self, run: Run) -> str:
+        if run.status == RunStatus.RETRYING and run.due_at:
+            return timezone.localtime(run.due_at).strftime("%Y-%m-%d %H:%M:%S")
+        return "-"
+
+    @admin.display(description=_("event data"))
+    def event_data(self, run: Run) -> SafeString:
+        return _pretty_json(run.event.data)
+
+    @admin.display(description=_("result"))
+    def result_json(self, run: Run) -> StrOrPromise:
+        if run.status != RunStatus.SUCCEEDED:
+            return "-"
+        return _pretty_json(run.result)
+
+    @admin.display(description=_("attempts"))
+    def attempt_history(self, run: Run) -> StrOrPromise:
+        attempts = list(Attempt.objects.filter(run=run).order_by("number"))
+        if not attempts:
+            return _("No attempt yet.")
+        rows = format_html_join(
+            "\n",
+            '<tr class="de-attempt de-attempt-{}"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>'
+            "<td>{}</td></tr>{}",
+            (
+                (
+                    attempt.outcome,
+                    attempt.number,
+                    _status_badge_for_outcome(attempt.outcome),
+                    timezone.localtime(attempt.started_at).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3],
+                    _duration(attempt.started_at, attempt.finished_at),
+                    f"{attempt.worker_host} (pid {attempt.worker_pid})" if attempt.worker_host else "-",
+                    format_html("<code>{}</code>: {}", attempt.exc_type, attempt.message)
+                    if attempt.exc_type
+                    else "",
+                    format_html(
+                        '<tr class="de-traceback"><td colspan="6"><pre class="de-pre">{}</pre></td></tr>',
+                        attempt.traceback,
+                    )
+                    if attempt.traceback
+                    else "",
+                )
+                for attempt in attempts
+            ),
+        )
+        return format_html(
+            '<table class="de-attempts"><thead><tr><th>#</th><th>{}</th><th>{}</th><th>{}</th>'
+            "<th>{}</th><th>{}</th></tr></thead><tbody>{}</tbody></table>",
+            _("outcome"),
+            _("started"),
+            _("duration"),
+            _("worker"),
+            _("error"),
+            rows,
+        )
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Run]:
+        queryset = super().get_queryset(request)
+        if request.resolver_match and request.resolver_match.url_name == "django_events_run_change":
+            return queryset.select_related("event")
+        return queryset  # the list needs no join: the event's name is on the run
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet[Run], search_term: str
+    ) -> tuple[QuerySet[Run], bool]:
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        condition = Q(function=term) | Q(event_name=term) | Q(last_error__icontains=term)
+        as_uuid = _as_uuid(term)
+        if as_uuid is not None:
+            condition |= Q(pk=as_uuid) | Q(event_id=as_uuid)
+        keyed = list(Event.objects.filter(idempotency_key=term).values_list("pk", flat=True)[:1])
+        if keyed:
+            condition |= Q(event_id=keyed[0])
+        return queryset.filter(condition), False
+
+    # -- actions ---------------------------------------------------------------------------
+
+    def has_retry_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("django_events.retry_run")
+
+    def has_cancel_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("django_events.cancel_run")
+
+    @admin.action(description=_("Retry selected runs"), permissions=["retry"])
+    def retry_selected(self, request: HttpRequest, queryset: QuerySet[Run]) -> None:
+        outcome = control.retry_runs(queryset.values_list("pk", flat=True))
+        self._report(request, outcome, _("retried"), _("not dead, cancelled or succeeded"))
+
+    @admin.action(description=_("Cancel selected runs"), permissions=["cancel"])
+    def cancel_selected(self, request: HttpRequest, queryset: QuerySet[Run]) -> None:
+        outcome = control.cancel_runs(queryset.values_list("pk", flat=True))
+        self._report(request, outcome, _("cancelled"), _("not pending or retrying"))
+
+    def _report(
+        self, request: HttpRequest, outcome: control.Outcome, verb: StrOrPromise, why: StrOrPromise
+    ) -> None:
+        text = ngettext("%(n)d run %(verb)s", "%(n)d runs %(verb)s", outcome.done) % {
+            "n": outcome.done,
+            "verb": verb,
+        }
+        if outcome.skipped:
+            text += "; " + ngettext("%(n)d skipped (%(why)s)", "%(n)d skipped (%(why)s)", outcome.skipped) % {
+                "n": outcome.skipped,
+                "why": why,
+            }
+        level = messages.SUCCESS if outcome.done else messages.WARNING
+        self.message_user(request, text + ".", level)
+
+    # -- views -----------------------------------------------------------------------------
+
+    def get_urls(self) -> list[URLPattern]:
+        wrap = self.admin_site.admin_view
+        return [
+            path("overview/", wrap(self.overview_view), name="django_events_run_overview"),
+            path("<path:object_id>/retry/", wrap(self.retry_view), name="django_events_run_retry"),
+            path("<path:object_id>/cancel/", wrap(self.cancel_view), name="django_events_run_cancel"),
+            *super().get_urls(),
+        ]
+
+    def retry_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        """POST: retry one run (the button on a dead, cancelled or succeeded run's page)."""
+        if not self.has_retry_permission(request):
+            raise PermissionDenied
+        return self._one_run_action(request, object_id, control.retry_runs, "retry")
+
+    def cancel_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        """POST: cancel one pending or retrying run."""
+        if not self.has_cancel_permission(request):
+            raise PermissionDenied
+        return self._one_run_action(request, object_id, control.cancel_runs, "cancel")
+
+    def _one_run_action(
+        self, request: HttpRequest, object_id: str, action: Callable[[list[Any]], control.Outcome], name: str
+    ) -> HttpResponse:
+        not_post = self._post_only(request)
+        if not_post:
+            return not_post
+        run = get_object_or_404(Run, pk=_as_uuid(object_id) or _not_found())
+        outcome = action([run.pk])
+        if name == "retry":
+            self._report(request, outcome, _("retried"), _("not dead, cancelled or succeeded"))
+        else:
+            self._report(request, outcome, _("cancelled"), _("not pending or retrying"))
+        return HttpResponseRedirect(reverse("admin:django_events_run_change", args=[run.pk]))
+
+    def change_view(
+        self,
+        request: HttpRequest,
+        object_id: str,
+        form_url: str = "",
+        extra_context: dict[str, Any] | None = None,
+    ) -> HttpResponse:
+        pk = _as_uuid(object_id)
+        run = Run.objects.filter(pk=pk).only("status").first() if pk is not None else None
+        extra_context = {
+            **(extra_context or {}),
+            "can_retry": run is not None and run.status in RETRYABLE and self.has_retry_permission(request),
+            "can_cancel": run is not None
+            and run.status in CANCELLABLE
+            and self.has_cancel_permission(request),
+        }
+        return super().change_view(request, object_id, form_url, extra_context)
+
+    def overview_view(self, request: HttpRequest) -> HttpResponse:
+        """Runs by status and function over the last hour and day, and the dead runs to look at."""
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        now = timezone.now()
+        windows = []
+        for label, since in (
+            (_("Last hour"), now - dt.timedelta(hours=1)),
+            (_("Last day"), now - dt.timedelta(days=1)),
+        ):
+            rows: dict[str, Counter[str]] = defaultdict(Counter)
+            for function, status, count in (
+                Run.objects.filter(created_at__gte=since)
+                .values_list("function", "status")
+                .annotate(n=Count("pk"))
+                .order_by()
+            ):
+                rows[function][status] = count
+            totals: Counter[str] = Counter()
+            for counts in rows.values():
+                totals.update(counts)
+            windows.append(
+                {
+                    "label": label,
+                    "since": since,
+                    "rows": [
+                        (
+                            function,
+                            [counts.get(status, 0) for status in RunStatus.values],
+                            sum(counts.values()),
+                        )
+                        for function, counts in sorted(rows.items())
+                    ],
+                    "totals": [totals.get(status, 0) for status in RunStatus.values],
+                    "total": sum(totals.values()),
+                }
+            )
+        dead = list(Run.objects.dead().order_by("-created_at")[:25])
+        context = {
+            **self.admin_site.each_context(request),
+            "title": _("Events overview"),
+            "opts": self.opts,
+            "statuses": [(status, _status_badge(status)) for status in RunStatus.values],
+            "windows": windows,
+            "dead_runs": dead,
+            "dead_count": Run.objects.dead()[: CappedCountPaginator.cap + 1].count(),
+            "cap": CappedCountPaginator.cap,
+            "attention": [RunStatus.DEAD],
+        }
+        return TemplateResponse(request, "admin/django_events/overview.html", context)
+
+
+def _status_badge_for_outcome(outcome: str) -> SafeString:
+    return format_html('<span class="de-badge de-badge-{}">{}</span>', outcome, outcome.replace("_", " "))
+
+
+class EventChangeList(ChangeList):
+    """Attaches each listed event's run counts by status, in one query for the page."""
+
+    def get_results(self, request: HttpRequest) -> None:
+        super().get_results(request)
+        counts: dict[Any, Counter[str]] = defaultdict(Counter)
+        for event_id, status, count in (
+            Run.objects.filter(event_id__in=[event.pk for event in self.result_list])
+            .values_list("event_id", "status")
+            .annotate(n=Count("pk"))
+            .order_by()
+        ):
+            counts[event_id][status] = count
+        for event in self.result_list:
+            event.run_counts = counts[event.pk]
+
+
+@admin.register(Event)
+class EventAdmin(_ReadOnlyAdmin):
+    list_display = ["name", "created_at", "idempotency_key", "runs_summary"]
+    date_hierarchy = "created_at"
+    search_fields = ["name"]
+    search_help_text = _(
+        "An event id, an idempotency key or an event name (exact), or key=value to find events "
+        "whose data has that value (user_id=42)."
+    )
+    ordering = ["-created_at"]
+    actions = ["replay_selected"]
+    fields = readonly_fields = ("id", "name", "idempotency_key", "created_at", "data_json", "run_list")
+
+    def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
+        return EventChangeList
+
+    @admin.display(description=_("runs"))
+    def runs_summary(self, event: Event) -> StrOrPromise:
+        counts: Counter[str] = getattr(event, "run_counts", None) or Counter()
+        if not counts:
+            return _("no function subscribed")
+        return format_html_join(
+            " ",
+            "{} {}",
+            ((counts[status], _status_badge(status)) for status in RunStatus.values if counts[status]),
+        )
+
+    @admin.display(description=_("data"))
+    def data_json(self, event: Event) -> SafeString:
+        return _pretty_json(event.data)
+
+    @admin.display(description=_("runs"))
+    def run_list(self, event: Event) -> StrOrPromise:
+        runs = list(Run.objects.filter(event=event).order_by("created_at", "function"))
+        if not runs:
+            return _("No function subscribed to this event when it was sent.")
+        return format_html(
+            '<table class="de-runs"><tbody>{}</tbody></table>',
+            format_html_join(
+                "\n",
+                '<tr><td><a href="{}">{}</a></td><td>{}</td><td>{} / {}</td><td>{}</td></tr>',
+                (
+                    (
+                        reverse("admin:django_events_run_change", args=[run.pk]),
+                        run.function,
+                        _status_badge(run.status),
+                        run.attempts,
+                        run.max_attempts,
+                        run.last_error
+                        if run.status not in FINAL_STATUSES or run.status == RunStatus.DEAD
+                        else "",
+                    )
+                    for run in runs
+                ),
+            ),
+        )
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet[Event], search_term: str
+    ) -> tuple[QuerySet[Event], bool]:
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        if "=" in term:
+            key, _sep, raw = term.partition("=")
+            return queryset.filter(self._data_condition(queryset, key.strip(), raw.strip())), False
+        condition = Q(name=term) | Q(idempotency_key=term)
+        as_uuid = _as_uuid(term)
+        if as_uuid is not None:
+            condition |= Q(pk=as_uuid)
+        return queryset.filter(condition), False
+
+    @staticmethod
+    def _data_condition(queryset: QuerySet[Event], key: str, raw: str) -> Q:
+        """Events whose data has ``key`` equal to ``raw`` read as JSON (42, true) or as text ("42")."""
+        values: list[Any] = [raw]
+        try:
+            parsed = json.loads(raw)
+        except ValueError:
+            parsed = raw
+        if parsed != raw and not isinstance(parsed, (dict, list)):
+            values.append(parsed)
+        condition = Q()
+        if connections[queryset.db].vendor == "postgresql":
+            for value in values:  # data @> '{"key": value}': served by the GIN index
+                condition |= Q(data__contains={key: value})
+            return condition
+        for value in values:
+            condition |= Q(**{"_data_value": value})
+        return Q(
+            pk__in=queryset.annotate(_data_value=KeyTransform(key, "data")).filter(condition).values("pk")
+        )
+
+    def has_replay_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("django_events.replay_event")
+
+    @admin.action(description=_("Replay selected events"), permissions=["replay"])
+    def replay_selected(self, request: HttpRequest, queryset: QuerySet[Event]) -> None:
+        created = sum(len(control.replay_event(event)) for event in queryset)
+        self.message_user(
+            request,
+            ngettext("%(n)d new run created.", "%(n)d new runs created.", created) % {"n": created},
+            messages.SUCCESS if created else messages.WARNING,
+        )
+
+    def get_urls(self) -> list[URLPattern]:
+        wrap = self.admin_site.admin_view
+        return [
+            path("<path:object_id>/replay/", wrap(self.replay_view), name="django_events_event_replay"),
+            *super().get_urls(),
+        ]
+
+    def replay_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        """POST: run every function subscribed to the event's name again, as new runs."""
+        if not self.has_replay_permission(request):
+            raise PermissionDenied
+        not_post = self._post_only(request)
+        if not_post:
+            return not_post
+        event = get_object_or_404(Event, pk=_as_uuid(object_id) or _not_found())
+        runs = control.replay_event(event)
+        if runs:
+            self.message_user(
+                request,
+                ngettext("%(n)d new run created.", "%(n)d new runs created.", len(runs)) % {"n": len(runs)},
+                messages.SUCCESS,
+            )
+        else:
+            self.message_user(
+                request,
+                _("No function subscribes to %(name)s now: nothing to replay.") % {"name": event.name},
+                messages.WARNING,
+            )
+        return HttpResponseRedirect(reverse("admin:django_events_event_change", args=[event.pk]))
+
+    def change_view(
+        self,
+        request: HttpRequest,
+        object_id: str,
+        form_url: str = "",
+        extra_context: dict[str, Any] | None = None,
+    ) -> HttpResponse:
+        extra_context = {**(extra_context or {}), "can_replay": self.has_replay_permission(request)}
+        return super().change_view(request, object_id, form_url, extra_context)

@@ -1,0 +1,104 @@
+"""Operator actions on runs and events: retry, cancel, replay. The admin calls these; so can you.
+
+Each changes only the rows whose status allows it (``models.TRANSITIONS``),
+says how many it changed and skipped, and enqueues what must run after the
+transaction commits.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from django.db import router, transaction
+from django.db.models import F
+from django.utils import timezone
+
+from .conf import get_settings
+from .models import Event, Run, RunStatus, sources_of
+from .registry import get_function
+from .sending import enqueue_on_commit, new_runs
+
+__all__ = ["Outcome", "cancel_runs", "replay_event", "retry_runs"]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How many of the runs asked for were changed, and how many were left alone."""
+
+    done: int
+    skipped: int
+
+
+def retry_runs(run_ids: Iterable[Any]) -> Outcome:
+    """Send dead, cancelled or succeeded runs back to ``pending``, with a fresh allowance of attempts.
+
+    Earlier attempts stay in the run's history; the next attempt continues their
+    numbering. The runs are enqueued after commit. Runs in any other status are
+    skipped.
+    """
+    ids = list(dict.fromkeys(run_ids))
+    using = router.db_for_write(Run)
+    now = timezone.now()
+    done = 0
+    with transaction.atomic(using=using):
+        eligible = (
+            Run.objects.using(using)
+            .select_for_update()
+            .filter(pk__in=ids, status__in=sources_of(RunStatus.PENDING))
+            .values_list("pk", "function")
+        )
+        by_function: dict[str, list[Any]] = defaultdict(list)
+        for pk, function_id in eligible:
+            by_function[function_id].append(pk)
+        refs: list[tuple[Any, str]] = []
+        for function_id, pks in by_function.items():
+            spec = get_function(function_id)
+            allowance = spec.max_attempts() if spec is not None else 1 + get_settings().DEFAULT_RETRIES
+            done += (
+                Run.objects.using(using)
+                .filter(pk__in=pks)
+                .move(
+                    RunStatus.PENDING,
+                    max_attempts=F("attempts") + allowance,
+                    due_at=now,
+                    finished_at=None,
+                    lease_expires_at=None,
+                    result=None,
+                )
+            )
+            refs.extend((pk, function_id) for pk in pks)
+        enqueue_on_commit(refs, using)
+    return Outcome(done=done, skipped=len(ids) - done)
+
+
+def cancel_runs(run_ids: Iterable[Any]) -> Outcome:
+    """Cancel pending or retrying runs: they are never executed, even if a message is still queued.
+
+    Running and final runs are skipped.
+    """
+    ids = list(dict.fromkeys(run_ids))
+    using = router.db_for_write(Run)
+    done = (
+        Run.objects.using(using)
+        .filter(pk__in=ids)
+        .move(RunStatus.CANCELLED, finished_at=timezone.now(), due_at=None, lease_expires_at=None)
+    )
+    return Outcome(done=done, skipped=len(ids) - done)
+
+
+def replay_event(event: Event) -> list[Run]:
+    """Run every function subscribed to ``event``'s name now again, as new runs of the same event.
+
+    The event's earlier runs and their history are kept. Returns the new runs
+    (none if no function subscribes to the name any more).
+    """
+    using = router.db_for_write(Run)
+    runs = new_runs(event, timezone.now())
+    if runs:
+        with transaction.atomic(using=using):
+            Run.objects.using(using).bulk_create(runs)
+            enqueue_on_commit([(run.pk, run.function) for run in runs], using)
+    return runs
