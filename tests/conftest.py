@@ -77,3 +77,21 @@ def worker(broker: dramatiq.Broker, transactional_db: None) -> Iterator[dramatiq
 @pytest.fixture
 def queue_name() -> str:
     return get_settings().QUEUE_NAME
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _drop_rabbitmq_queues_of_local_sessions() -> Iterator[None]:
+    """A session outside tox has queue names of its own (per pid): delete them from RabbitMQ after it."""
+    yield
+    if not settings.DJANGO_EVENTS_TEST_SUFFIX.startswith("local_"):
+        return  # a tox env reuses its queue names from run to run
+    import pika
+
+    queue = get_settings().QUEUE_NAME
+    connection = pika.BlockingConnection(pika.URLParameters(settings.RABBITMQ_URL))
+    try:
+        channel = connection.channel()
+        for name in (queue, f"{queue}.DQ", f"{queue}.XQ"):
+            channel.queue_delete(name)
+    finally:
+        connection.close()

@@ -59,8 +59,11 @@ TEMPLATES = [
 ]
 STATIC_URL = "/static/"
 
-# A name of its own per tox environment, so that environments may run side by side.
-_suffix = re.sub(r"\W", "_", os.environ.get("TOX_ENV_NAME", "local"))
+# A name of its own per tox environment (or per test session outside tox), so that runs may go
+# side by side without sharing a database or a queue; processes the tests start inherit it.
+DJANGO_EVENTS_TEST_SUFFIX = _suffix = os.environ.setdefault(
+    "DJANGO_EVENTS_TEST_SUFFIX", re.sub(r"\W", "_", os.environ.get("TOX_ENV_NAME") or f"local_{os.getpid()}")
+)
 DATABASES = {
     "default": env.db("DATABASE_URL", default=f"sqlite:///{BASE_DIR.parent / 'var' / 'tests.sqlite3'}")
 }
