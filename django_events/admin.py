@@ -145,6 +145,7 @@ class _ReadOnlyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 
     paginator = CappedCountPaginator
     show_full_result_count = False
+    show_facets = admin.ShowFacets.NEVER  # per-choice counts would scan the table
     list_per_page = 50
 
     class Media:
