@@ -35,6 +35,13 @@ class EventsSettings:
     MAX_EVENT_BYTES: int = 256 * 1024
     #: Seconds added to a function's time limit to form the lease of a running run.
     LEASE_MARGIN: float = 60.0
+    #: Seconds between two recovery passes in each worker process (``None``: no recovery loop).
+    RECOVERY_INTERVAL: float | None = 15.0
+    #: Seconds a pending run (or a retrying run past its due time) may wait before recovery
+    #: sends its message again.
+    RECOVERY_GRACE: float = 60.0
+    #: Most runs of each kind one recovery pass takes.
+    RECOVERY_BATCH: int = 500
     #: Time limit, in seconds, for functions that do not set ``time_limit``
     #: (``None``: Dramatiq's ``TimeLimit`` default, 10 minutes).
     DEFAULT_TIME_LIMIT: float | None = None
@@ -50,6 +57,13 @@ class EventsSettings:
             ("QUEUE_NAME", isinstance(self.QUEUE_NAME, str) and bool(self.QUEUE_NAME)),
             ("MAX_EVENT_BYTES", _is_int(self.MAX_EVENT_BYTES) and self.MAX_EVENT_BYTES > 0),
             ("LEASE_MARGIN", _is_number(self.LEASE_MARGIN) and self.LEASE_MARGIN > 0),
+            (
+                "RECOVERY_INTERVAL",
+                self.RECOVERY_INTERVAL is None
+                or (_is_number(self.RECOVERY_INTERVAL) and self.RECOVERY_INTERVAL > 0),
+            ),
+            ("RECOVERY_GRACE", _is_number(self.RECOVERY_GRACE) and self.RECOVERY_GRACE >= 0),
+            ("RECOVERY_BATCH", _is_int(self.RECOVERY_BATCH) and self.RECOVERY_BATCH > 0),
             (
                 "DEFAULT_TIME_LIMIT",
                 self.DEFAULT_TIME_LIMIT is None

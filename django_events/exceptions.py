@@ -13,6 +13,7 @@ __all__ = [
     "NonRetriableError",
     "ResultNotSerializableError",
     "RetryAfterError",
+    "WorkerLostError",
 ]
 
 
@@ -34,6 +35,10 @@ class EventValidationError(DjangoEventsError, ValueError):
 
 class FunctionNotFoundError(DjangoEventsError):
     """Raised (and recorded on the run) when a run's function is no longer registered."""
+
+
+class WorkerLostError(DjangoEventsError):
+    """Recorded on an attempt whose worker stopped before it ended (its lease expired)."""
 
 
 class ResultNotSerializableError(DjangoEventsError, TypeError):

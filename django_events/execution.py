@@ -24,7 +24,10 @@ from typing import Any
 
 from django.db import IntegrityError, router, transaction
 from django.utils import timezone
+from dramatiq.middleware.shutdown import Shutdown
+from dramatiq.middleware.time_limit import TimeLimitExceeded
 
+from . import signals
 from .conf import get_settings
 from .exceptions import (
     FunctionNotFoundError,
@@ -35,7 +38,7 @@ from .exceptions import (
 from .models import WAITING_STATUSES, Attempt, AttemptOutcome, Run, RunStatus
 from .registry import Context, Function, get_function
 
-__all__ = ["Execution", "backoff_delay", "execute_run"]
+__all__ = ["RUN_DEAD_EVENT", "Execution", "Failure", "backoff_delay", "classify", "execute_run", "record"]
 
 logger = logging.getLogger("django_events")
 
@@ -44,10 +47,8 @@ DRAMATIQ_DEFAULT_TIME_LIMIT = 600.0
 #: Longest ``last_error`` kept on a run, in characters (the full text is on the attempt).
 LAST_ERROR_LENGTH = 1000
 
-try:  # The TimeLimit middleware interrupts the worker thread with this exception.
-    from dramatiq.middleware.time_limit import TimeLimitExceeded
-except ImportError:  # pragma: no cover - dramatiq always has it
-    TimeLimitExceeded = None  # type: ignore[assignment,misc]
+#: The event sent when a run goes dead, so that a function can alert someone.
+RUN_DEAD_EVENT = "django_events/run.dead"
 
 
 class Execution(enum.Enum):
@@ -63,10 +64,13 @@ class Execution(enum.Enum):
 
 
 @dataclass(frozen=True)
-class _Failure:
+class Failure:
+    """How an attempt failed, and what follows: a retry in ``retry_in`` seconds, or death."""
+
     exc: BaseException
     outcome: str
     retry_in: float | None  # seconds; None: the run goes dead
+    refund: bool = False  # give the attempt back (the worker interrupted it, not the function)
 
 
 class _RunLogger(logging.LoggerAdapter[logging.Logger]):
@@ -133,7 +137,7 @@ def execute_run(run_id: Any, *, ignore_due: bool = False, enqueue: bool = True) 
     spec = get_function(run.function)
     attempt = run.attempts + 1
     claimed = _claim(run, using=using, now=now, ignore_due=ignore_due, lease=lease_seconds(spec))
-    if not claimed:
+    if claimed is None:
         logger.debug("Skipped run %s (%s): not claimable.", run.pk, run.status)
         return Execution.SKIPPED
 
@@ -149,11 +153,11 @@ def execute_run(run_id: Any, *, ignore_due: bool = False, enqueue: bool = True) 
         attempt,
         run.max_attempts,
     )
-    started = timezone.now()
-    failure: _Failure | None = None
+    started = claimed
+    failure: Failure | None = None
     stored_result: Any = None
     if spec is None:
-        failure = _Failure(
+        failure = Failure(
             FunctionNotFoundError(
                 f"No function is registered with the id {run.function!r}: was it removed or renamed? "
                 "Retry this run once the function is deployed again."
@@ -172,20 +176,25 @@ def execute_run(run_id: Any, *, ignore_due: bool = False, enqueue: bool = True) 
         )
         try:
             stored_result = _json_result(spec.fn(ctx))
-        except Exception as exc:
-            failure = _classify(exc, attempt, run.max_attempts)
-        except BaseException as exc:
-            if TimeLimitExceeded is None or not isinstance(exc, TimeLimitExceeded):
-                raise  # shutdown or a dying process: the lease brings the run back
-            failure = _classify(exc, attempt, run.max_attempts)
-    return _record(run, attempt, started, stored_result, failure, using=using, enqueue=enqueue)
+        except (Exception, TimeLimitExceeded) as exc:
+            failure = classify(exc, attempt, run.max_attempts)
+        except Shutdown as exc:
+            # The worker is stopping (ShutdownNotifications): put the run back, due at once.
+            failure = Failure(exc, AttemptOutcome.INTERRUPTED, 0.0, refund=True)
+        # Any other BaseException (KeyboardInterrupt, SystemExit) is a dying process: the
+        # run stays running until its lease expires, then recovery takes it back.
+    return record(run, attempt, started, stored_result, failure, using=using, enqueue=enqueue)
 
 
-def _claim(run: Run, *, using: str, now: dt.datetime, ignore_due: bool, lease: float) -> bool:
-    """Take ``run`` for one attempt, if it is still as we read it (compare and swap on attempts)."""
+def _claim(run: Run, *, using: str, now: dt.datetime, ignore_due: bool, lease: float) -> dt.datetime | None:
+    """Take ``run`` for one attempt if it is still as we read it (compare and swap on attempts).
+
+    Returns when the attempt started, or ``None`` if another worker got there first.
+    """
     changes: dict[str, Any] = {
         "attempts": run.attempts + 1,
         "lease_expires_at": now + dt.timedelta(seconds=lease),
+        "attempt_started_at": now,
     }
     if run.started_at is None:
         changes["started_at"] = now
@@ -195,7 +204,7 @@ def _claim(run: Run, *, using: str, now: dt.datetime, ignore_due: bool, lease: f
         .claimable(now, ignore_due=ignore_due)
         .move(RunStatus.RUNNING, **changes)
     )
-    return moved == 1
+    return now if moved == 1 else None
 
 
 def _json_result(value: Any) -> Any:
@@ -209,14 +218,15 @@ def _json_result(value: Any) -> Any:
     return json.loads(text)
 
 
-def _classify(exc: BaseException, attempt: int, max_attempts: int) -> _Failure:
-    timed_out = TimeLimitExceeded is not None and isinstance(exc, TimeLimitExceeded)
+def classify(exc: BaseException, attempt: int, max_attempts: int) -> Failure:
+    """What follows a failed attempt: a retry after backoff (or ``RetryAfterError``'s delay), or death."""
+    timed_out = isinstance(exc, TimeLimitExceeded)
     outcome = AttemptOutcome.TIMED_OUT if timed_out else AttemptOutcome.FAILED
     if isinstance(exc, (NonRetriableError, ResultNotSerializableError)) or attempt >= max_attempts:
-        return _Failure(exc, outcome, None)
+        return Failure(exc, outcome, None)
     if isinstance(exc, RetryAfterError):
-        return _Failure(exc, outcome, exc.seconds)
-    return _Failure(exc, outcome, backoff_delay(attempt))
+        return Failure(exc, outcome, exc.seconds)
+    return Failure(exc, outcome, backoff_delay(attempt))
 
 
 def _exc_type(exc: BaseException) -> str:
@@ -224,16 +234,24 @@ def _exc_type(exc: BaseException) -> str:
     return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _record(
+def record(
     run: Run,
     attempt: int,
     started: dt.datetime,
     result: Any,
-    failure: _Failure | None,
+    failure: Failure | None,
     *,
     using: str,
-    enqueue: bool,
+    enqueue: bool = True,
 ) -> Execution:
+    """Store how attempt ``attempt`` of ``run`` ended, fenced on the attempt number.
+
+    One transaction: the run's new status, the ``Attempt`` row, and for a dead
+    run the ``django_events/run.dead`` event. After commit: the retry's message
+    (if ``enqueue``) and the signals. If another worker has taken the run over
+    meanwhile, nothing of the run is changed (the attempt is still kept in the
+    history if its number is free) and ``Execution.STALE`` is returned.
+    """
     finished = timezone.now()
     attempt_row = Attempt(
         run_id=run.pk,
@@ -252,9 +270,11 @@ def _record(
         exc = failure.exc
         attempt_row.outcome = failure.outcome
         attempt_row.exc_type = _exc_type(exc)[:255]
-        attempt_row.message = str(exc) or ("time limit exceeded" if failure.outcome == "timed_out" else "")
+        attempt_row.message = str(exc) or _DEFAULT_MESSAGES.get(failure.outcome, "")
         attempt_row.traceback = "".join(traceback.format_exception(exc))
         changes["last_error"] = f"{attempt_row.exc_type}: {attempt_row.message}"[:LAST_ERROR_LENGTH]
+        if failure.refund:
+            changes["max_attempts"] = run.max_attempts + 1
         if failure.retry_in is None:
             to, execution = RunStatus.DEAD, Execution.DEAD
             changes.update(finished_at=finished, due_at=None)
@@ -270,10 +290,14 @@ def _record(
         )
         if moved:
             attempt_row.save(using=using, force_insert=True)
+            for field, value in changes.items():
+                setattr(run, field, value)
+            run.status, run.attempts = to, attempt
             if to == RunStatus.RETRYING and enqueue:
-                run.due_at = changes["due_at"]
                 delay = (changes["due_at"] - finished).total_seconds()
                 transaction.on_commit(lambda: _enqueue(run, delay=delay), using=using)
+            if to == RunStatus.DEAD and run.event_name != RUN_DEAD_EVENT:
+                _send_dead_event(run, attempt)
         else:
             _keep_stale_attempt(attempt_row, using)
 
@@ -288,7 +312,74 @@ def _record(
         )
         return Execution.STALE
     _log_outcome(run, attempt, execution, failure, changes)
+    _send_signals(run, attempt_row, execution, result, failure)
     return execution
+
+
+_DEFAULT_MESSAGES: dict[str, str] = {
+    AttemptOutcome.TIMED_OUT: "time limit exceeded",
+    AttemptOutcome.INTERRUPTED: "the worker was shutting down",
+}
+
+
+def _send_dead_event(run: Run, attempt: int) -> None:
+    from .sending import send
+
+    send(
+        RUN_DEAD_EVENT,
+        {
+            "run_id": str(run.pk),
+            "function": run.function,
+            "event_id": str(run.event_id),
+            "event_name": run.event_name,
+            "attempts": attempt,
+            "error": run.last_error,
+        },
+    )
+
+
+def _send_signals(
+    run: Run, attempt_row: Attempt, execution: Execution, result: Any, failure: Failure | None
+) -> None:
+    sent: list[tuple[Any, list[tuple[Any, Any]]]] = []
+    if failure is None:
+        sent.append(
+            (
+                signals.run_succeeded,
+                signals.run_succeeded.send_robust(sender=Run, run=run, attempt=attempt_row, result=result),
+            )
+        )
+    else:
+        sent.append(
+            (
+                signals.run_failed,
+                signals.run_failed.send_robust(
+                    sender=Run,
+                    run=run,
+                    attempt=attempt_row,
+                    exception=failure.exc,
+                    will_retry=execution is Execution.RETRYING,
+                ),
+            )
+        )
+        if execution is Execution.DEAD:
+            sent.append(
+                (
+                    signals.run_dead,
+                    signals.run_dead.send_robust(
+                        sender=Run, run=run, attempt=attempt_row, exception=failure.exc
+                    ),
+                )
+            )
+    for _signal, responses in sent:
+        for receiver, response in responses:
+            if isinstance(response, Exception):
+                logger.error(
+                    "A signal receiver %r failed for run %s.",
+                    receiver,
+                    run.pk,
+                    exc_info=(type(response), response, response.__traceback__),
+                )
 
 
 def _keep_stale_attempt(attempt_row: Attempt, using: str) -> None:
@@ -301,7 +392,7 @@ def _keep_stale_attempt(attempt_row: Attempt, using: str) -> None:
 
 
 def _log_outcome(
-    run: Run, attempt: int, execution: Execution, failure: _Failure | None, changes: dict[str, Any]
+    run: Run, attempt: int, execution: Execution, failure: Failure | None, changes: dict[str, Any]
 ) -> None:
     args = (run.pk, run.function, run.event.name, attempt)
     if failure is None:

@@ -21,7 +21,7 @@ class RunStatus(models.TextChoices):
     PENDING = "pending", _("pending")
     """Waiting for its first attempt, or for a new one after a retry from the admin."""
     RUNNING = "running", _("running")
-    """Held by a worker until ``lease_expires_at``; claimable again once the lease expires."""
+    """Held by a worker until ``lease_expires_at``; if the lease expires, recovery moves it back."""
     RETRYING = "retrying", _("retrying")
     """An attempt failed and another is due at ``due_at``."""
     SUCCEEDED = "succeeded", _("succeeded")
@@ -36,10 +36,8 @@ class RunStatus(models.TextChoices):
 #: Every conditional UPDATE that changes a run's status filters on this table.
 TRANSITIONS: dict[str, frozenset[str]] = {
     RunStatus.PENDING: frozenset({RunStatus.RUNNING, RunStatus.CANCELLED}),
-    # RUNNING -> RUNNING: a worker died and another takes the run once its lease expired.
-    RunStatus.RUNNING: frozenset(
-        {RunStatus.SUCCEEDED, RunStatus.RETRYING, RunStatus.DEAD, RunStatus.RUNNING}
-    ),
+    # RUNNING -> RETRYING / DEAD also when the lease expired (the worker died): see recovery.py.
+    RunStatus.RUNNING: frozenset({RunStatus.SUCCEEDED, RunStatus.RETRYING, RunStatus.DEAD}),
     RunStatus.RETRYING: frozenset({RunStatus.RUNNING, RunStatus.CANCELLED}),
     RunStatus.SUCCEEDED: frozenset({RunStatus.PENDING}),
     RunStatus.DEAD: frozenset({RunStatus.PENDING}),
@@ -66,6 +64,10 @@ class AttemptOutcome(models.TextChoices):
     """The function raised; the run was retried or went dead."""
     TIMED_OUT = "timed_out", _("timed out")
     """The function ran past its time limit and was interrupted."""
+    LOST = "lost", _("lost")
+    """The worker stopped (killed, out of memory, host lost) before the attempt ended; its lease expired."""
+    INTERRUPTED = "interrupted", _("interrupted")
+    """The worker was shutting down and interrupted the attempt; it does not use up a retry."""
 
 
 class Event(models.Model):
@@ -119,11 +121,13 @@ class RunQuerySet(models.QuerySet["Run"]):
         return self.waiting().filter(due_at__lte=now or timezone.now())
 
     def claimable(self, now: dt.datetime, *, ignore_due: bool = False) -> RunQuerySet:
-        """Runs a worker may take now: due waiting runs, and running runs whose lease expired."""
-        waiting = Q(status__in=WAITING_STATUSES)
-        if not ignore_due:
-            waiting &= Q(due_at__lte=now)
-        return self.filter(waiting | Q(status=RunStatus.RUNNING, lease_expires_at__lt=now))
+        """Runs a worker may take now: pending or retrying runs that are due."""
+        waiting = self.waiting()
+        return waiting if ignore_due else waiting.filter(due_at__lte=now)
+
+    def lease_expired(self, now: dt.datetime) -> RunQuerySet:
+        """Running runs whose lease is over: their worker died, or is far past its time limit."""
+        return self.filter(status=RunStatus.RUNNING, lease_expires_at__lt=now)
 
     def move(self, to: str, **changes: Any) -> int:
         """Move the runs of this queryset that may go to ``to`` there, in one UPDATE.
@@ -155,6 +159,9 @@ class Run(models.Model):
         null=True, blank=True, help_text=_("Until when the worker running this run holds it.")
     )
     started_at = models.DateTimeField(null=True, blank=True, help_text=_("When the first attempt started."))
+    attempt_started_at = models.DateTimeField(
+        null=True, blank=True, help_text=_("When the latest attempt started.")
+    )
     finished_at = models.DateTimeField(
         null=True, blank=True, help_text=_("When the run reached a final status.")
     )

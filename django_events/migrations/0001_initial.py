@@ -7,91 +7,198 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
-    dependencies = [
-    ]
+    dependencies = []
 
     operations = [
         migrations.CreateModel(
-            name='Event',
+            name="Event",
             fields=[
-                ('id', models.UUIDField(default=django_events.ids.uuid7, editable=False, primary_key=True, serialize=False)),
-                ('name', models.CharField(max_length=255)),
-                ('data', models.JSONField(blank=True, default=dict)),
-                ('idempotency_key', models.CharField(blank=True, help_text='The id given to send(); a second send with the same id returns this event.', max_length=255, null=True, unique=True)),
-                ('created_at', models.DateTimeField(default=django.utils.timezone.now, editable=False)),
+                (
+                    "id",
+                    models.UUIDField(
+                        default=django_events.ids.uuid7, editable=False, primary_key=True, serialize=False
+                    ),
+                ),
+                ("name", models.CharField(max_length=255)),
+                ("data", models.JSONField(blank=True, default=dict)),
+                (
+                    "idempotency_key",
+                    models.CharField(
+                        blank=True,
+                        help_text="The id given to send(); a second send with the same id returns this event.",
+                        max_length=255,
+                        null=True,
+                        unique=True,
+                    ),
+                ),
+                ("created_at", models.DateTimeField(default=django.utils.timezone.now, editable=False)),
             ],
             options={
-                'ordering': ['-created_at'],
-                'permissions': [('replay_event', 'Can replay events')],
-                'indexes': [models.Index(fields=['-created_at'], name='django_events_event_created'), models.Index(fields=['name', '-created_at'], name='django_events_event_name')],
+                "ordering": ["-created_at"],
+                "permissions": [("replay_event", "Can replay events")],
+                "indexes": [
+                    models.Index(fields=["-created_at"], name="django_events_event_created"),
+                    models.Index(fields=["name", "-created_at"], name="django_events_event_name"),
+                ],
             },
         ),
         migrations.CreateModel(
-            name='Run',
+            name="Run",
             fields=[
-                ('id', models.UUIDField(default=django_events.ids.uuid7, editable=False, primary_key=True, serialize=False)),
-                ('function', models.CharField(help_text='The id of the function this run executes.', max_length=255)),
-                ('status', models.CharField(choices=[('pending', 'pending'), ('running', 'running'), ('retrying', 'retrying'), ('succeeded', 'succeeded'), ('dead', 'dead'), ('cancelled', 'cancelled')], default='pending', max_length=16)),
-                ('attempts', models.PositiveIntegerField(default=0, help_text='Attempts started so far.')),
-                ('max_attempts', models.PositiveIntegerField(help_text='Attempts allowed: the first one plus retries.')),
-                ('result', models.JSONField(blank=True, help_text='What the function returned.', null=True)),
-                ('last_error', models.TextField(blank=True, help_text='Type and message of the last failure.')),
-                ('due_at', models.DateTimeField(blank=True, help_text='When a pending or retrying run is next due to be attempted.', null=True)),
-                ('lease_expires_at', models.DateTimeField(blank=True, help_text='Until when the worker running this run holds it.', null=True)),
-                ('started_at', models.DateTimeField(blank=True, help_text='When the first attempt started.', null=True)),
-                ('finished_at', models.DateTimeField(blank=True, help_text='When the run reached a final status.', null=True)),
-                ('created_at', models.DateTimeField(default=django.utils.timezone.now, editable=False)),
-                ('event', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='runs', to='django_events.event')),
+                (
+                    "id",
+                    models.UUIDField(
+                        default=django_events.ids.uuid7, editable=False, primary_key=True, serialize=False
+                    ),
+                ),
+                (
+                    "function",
+                    models.CharField(help_text="The id of the function this run executes.", max_length=255),
+                ),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[
+                            ("pending", "pending"),
+                            ("running", "running"),
+                            ("retrying", "retrying"),
+                            ("succeeded", "succeeded"),
+                            ("dead", "dead"),
+                            ("cancelled", "cancelled"),
+                        ],
+                        default="pending",
+                        max_length=16,
+                    ),
+                ),
+                ("attempts", models.PositiveIntegerField(default=0, help_text="Attempts started so far.")),
+                (
+                    "max_attempts",
+                    models.PositiveIntegerField(help_text="Attempts allowed: the first one plus retries."),
+                ),
+                ("result", models.JSONField(blank=True, help_text="What the function returned.", null=True)),
+                (
+                    "last_error",
+                    models.TextField(blank=True, help_text="Type and message of the last failure."),
+                ),
+                (
+                    "due_at",
+                    models.DateTimeField(
+                        blank=True,
+                        help_text="When a pending or retrying run is next due to be attempted.",
+                        null=True,
+                    ),
+                ),
+                (
+                    "lease_expires_at",
+                    models.DateTimeField(
+                        blank=True, help_text="Until when the worker running this run holds it.", null=True
+                    ),
+                ),
+                (
+                    "started_at",
+                    models.DateTimeField(blank=True, help_text="When the first attempt started.", null=True),
+                ),
+                (
+                    "finished_at",
+                    models.DateTimeField(
+                        blank=True, help_text="When the run reached a final status.", null=True
+                    ),
+                ),
+                ("created_at", models.DateTimeField(default=django.utils.timezone.now, editable=False)),
+                (
+                    "event",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="runs",
+                        to="django_events.event",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['-created_at'],
-                'permissions': [('retry_run', 'Can retry runs'), ('cancel_run', 'Can cancel runs')],
+                "ordering": ["-created_at"],
+                "permissions": [("retry_run", "Can retry runs"), ("cancel_run", "Can cancel runs")],
             },
         ),
         migrations.CreateModel(
-            name='Attempt',
+            name="Attempt",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('number', models.PositiveIntegerField(help_text='1 for the first attempt.')),
-                ('started_at', models.DateTimeField()),
-                ('finished_at', models.DateTimeField()),
-                ('outcome', models.CharField(choices=[('succeeded', 'succeeded'), ('failed', 'failed'), ('timed_out', 'timed out')], max_length=16)),
-                ('exc_type', models.CharField(blank=True, help_text='Dotted name of the exception raised.', max_length=255)),
-                ('message', models.TextField(blank=True, help_text="The exception's message.")),
-                ('traceback', models.TextField(blank=True)),
-                ('worker_host', models.CharField(blank=True, max_length=255)),
-                ('worker_pid', models.PositiveIntegerField(blank=True, null=True)),
-                ('run', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='attempt_set', to='django_events.run')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("number", models.PositiveIntegerField(help_text="1 for the first attempt.")),
+                ("started_at", models.DateTimeField()),
+                ("finished_at", models.DateTimeField()),
+                (
+                    "outcome",
+                    models.CharField(
+                        choices=[
+                            ("succeeded", "succeeded"),
+                            ("failed", "failed"),
+                            ("timed_out", "timed out"),
+                        ],
+                        max_length=16,
+                    ),
+                ),
+                (
+                    "exc_type",
+                    models.CharField(
+                        blank=True, help_text="Dotted name of the exception raised.", max_length=255
+                    ),
+                ),
+                ("message", models.TextField(blank=True, help_text="The exception's message.")),
+                ("traceback", models.TextField(blank=True)),
+                ("worker_host", models.CharField(blank=True, max_length=255)),
+                ("worker_pid", models.PositiveIntegerField(blank=True, null=True)),
+                (
+                    "run",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="attempt_set",
+                        to="django_events.run",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['run', 'number'],
+                "ordering": ["run", "number"],
             },
         ),
         migrations.AddIndex(
-            model_name='run',
-            index=models.Index(fields=['-created_at'], name='django_events_run_created'),
+            model_name="run",
+            index=models.Index(fields=["-created_at"], name="django_events_run_created"),
         ),
         migrations.AddIndex(
-            model_name='run',
-            index=models.Index(fields=['status', '-created_at'], name='django_events_run_status'),
+            model_name="run",
+            index=models.Index(fields=["status", "-created_at"], name="django_events_run_status"),
         ),
         migrations.AddIndex(
-            model_name='run',
-            index=models.Index(fields=['function', '-created_at'], name='django_events_run_function'),
+            model_name="run",
+            index=models.Index(fields=["function", "-created_at"], name="django_events_run_function"),
         ),
         migrations.AddIndex(
-            model_name='run',
-            index=models.Index(condition=models.Q(('status__in', ['pending', 'retrying'])), fields=['due_at'], name='django_events_run_due'),
+            model_name="run",
+            index=models.Index(
+                condition=models.Q(("status__in", ["pending", "retrying"])),
+                fields=["due_at"],
+                name="django_events_run_due",
+            ),
         ),
         migrations.AddIndex(
-            model_name='run',
-            index=models.Index(condition=models.Q(('status', 'running')), fields=['lease_expires_at'], name='django_events_run_lease'),
+            model_name="run",
+            index=models.Index(
+                condition=models.Q(("status", "running")),
+                fields=["lease_expires_at"],
+                name="django_events_run_lease",
+            ),
         ),
         migrations.AddConstraint(
-            model_name='attempt',
-            constraint=models.UniqueConstraint(fields=('run', 'number'), name='django_events_attempt_unique_number'),
+            model_name="attempt",
+            constraint=models.UniqueConstraint(
+                fields=("run", "number"), name="django_events_attempt_unique_number"
+            ),
         ),
     ]

@@ -185,19 +185,15 @@ def test_run_held_by_live_lease_is_not_claimed(db):
     assert not Call.objects.exists()
 
 
-def test_run_with_expired_lease_is_claimed_again(db):
-    # Given a run whose worker died during attempt 1
+def test_run_with_expired_lease_is_not_claimed_by_a_message(db):
+    # Given a run whose worker died during attempt 1: recovery, not a message, takes it back
     event = django_events.send("test/ok")
     run = _run(event)
     Run.objects.filter(pk=run.pk).update(
         status=RunStatus.RUNNING, attempts=1, lease_expires_at=timezone.now() - dt.timedelta(seconds=1)
     )
-    # When a worker gets its message again
-    assert execute_run(run.pk) is Execution.SUCCEEDED
-    # Then it runs as attempt 2
-    run.refresh_from_db()
-    assert run.attempts == 2
-    assert run.result["attempt"] == 2
+    assert execute_run(run.pk) is Execution.SKIPPED
+    assert not Call.objects.exists()
 
 
 def test_stale_worker_cannot_overwrite_newer_attempt(db):
