@@ -80,3 +80,11 @@ def slow(ctx: Context) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:  # interruptible busy wait, like real CPU-bound work
         sum(range(1000))
+
+
+@django_events.function("test/sleepy", id="tests.sleepy", retries=0, time_limit=60)
+def sleepy(ctx: Context) -> str:
+    """Works for ``data["seconds"]`` (a run in flight when the worker is told to stop)."""
+    _record(ctx, "sleepy")
+    time.sleep(ctx.event.data["seconds"])
+    return "finished"
