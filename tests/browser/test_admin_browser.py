@@ -69,7 +69,7 @@ def test_log_in_open_dead_run_read_traceback_and_retry(browser, live_server, dja
     wait.until(expected_conditions.presence_of_element_located((By.ID, "result_list")))
 
     # and opens the dead run from the list
-    browser.find_element(By.LINK_TEXT, "tests.always_fails").click()
+    browser.find_element(By.ID, "result_list").find_element(By.LINK_TEXT, "tests.always_fails").click()
     wait.until(expected_conditions.presence_of_element_located((By.CSS_SELECTOR, ".de-attempts")))
 
     # Then the traceback of each attempt is there, as text (the HTML in the error is not rendered)
