@@ -222,11 +222,17 @@ def _insert_events(outgoing: list[_Outgoing], using: str, now: Any) -> dict[str,
 def _enqueue_after_commit(refs: list[tuple[Any, str]]) -> None:
     from .tasks import enqueue_run
 
-    for run_id, function_id in refs:
+    for index, (run_id, function_id) in enumerate(refs):
         try:
             enqueue_run(run_id, function_id)
         except Exception:
-            # The run is committed and stays pending in the database; it is never lost.
+            # The runs are committed and stay pending in the database; recovery sends them later.
+            # Stop at the first failure: a hung broker would cost its timeout for every run.
             logger.exception(
-                "Could not enqueue run %s of %s; it stays pending in the database.", run_id, function_id
+                "Could not enqueue run %s of %s (and %d more run(s) of this commit); they stay pending "
+                "in the database until recovery sends them.",
+                run_id,
+                function_id,
+                len(refs) - index - 1,
             )
+            return

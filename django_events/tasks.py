@@ -7,6 +7,7 @@ so that web processes can send. A message carries only the run's id.
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any
 
@@ -17,6 +18,8 @@ from .conf import get_settings
 from .execution import execute_run
 from .registry import get_function
 
+logger = logging.getLogger("django_events")
+
 __all__ = ["ACTOR_NAME", "MAX_DELAY_SECONDS", "enqueue_run", "get_actor"]
 
 #: The name of the actor every run message is sent to.
@@ -26,8 +29,12 @@ ACTOR_NAME = "django_events.execute_run"
 MAX_DELAY_SECONDS = 6 * 24 * 3600
 
 
-def _execute(run_id: str) -> None:
-    execute_run(run_id)
+def _execute(*args: Any, **kwargs: Any) -> None:
+    if len(args) != 1 or kwargs:
+        # Not one of ours: retrying it would not help. Drop it.
+        logger.warning("Dropped a malformed run message: args=%r kwargs=%r.", args, kwargs)
+        return
+    execute_run(args[0])
 
 
 _declare_lock = threading.Lock()

@@ -8,6 +8,7 @@ environment, so that environments running side by side never meet.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -104,6 +105,9 @@ DJANGO_EVENTS = {
     "RETRY_BACKOFF_MAX": 0.2,
     "QUEUE_NAME": f"django_events_tests_{_suffix}",
 }
+# Processes started by the fault-injection tests (tests/faults) get short recovery timings with
+# this: a JSON object merged into DJANGO_EVENTS, such as {"RECOVERY_INTERVAL": 0.5, "LEASE_MARGIN": 1}.
+DJANGO_EVENTS.update(json.loads(os.environ.get("DJANGO_EVENTS_TEST_SETTINGS") or "{}"))
 
 EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

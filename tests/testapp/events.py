@@ -88,3 +88,22 @@ def sleepy(ctx: Context) -> str:
     _record(ctx, "sleepy")
     time.sleep(ctx.event.data["seconds"])
     return "finished"
+
+
+# Used by the fault-injection tests (tests/faults): short time limits, so that a killed
+# worker's lease (time limit + LEASE_MARGIN) expires within seconds.
+
+
+@django_events.function("faults/ok", id="tests.faults_ok", retries=20, time_limit=2)
+def faults_ok(ctx: Context) -> int:
+    """Records the call (duplicates are counted from ``Call`` rows); sleeps ``data["sleep"]`` seconds."""
+    _record(ctx, "faults_ok")
+    time.sleep(ctx.event.data.get("sleep", 0))
+    return ctx.attempt
+
+
+@django_events.function("faults/fail", id="tests.faults_fail", retries=1, time_limit=2)
+def faults_fail(ctx: Context) -> None:
+    """Always fails: its runs end dead after two attempts."""
+    _record(ctx, "faults_fail")
+    raise RuntimeError(f"deliberate failure on attempt {ctx.attempt}")
