@@ -51,6 +51,12 @@ StrOrPromise = str | Promise
 RETRYABLE = frozenset(sources_of(RunStatus.PENDING))
 CANCELLABLE = frozenset(sources_of(RunStatus.CANCELLED))
 
+#: The run actions: what does the work, and how the report names what was done and skipped.
+RUN_ACTIONS: dict[str, tuple[Callable[[Any], control.Outcome], Any, Any]] = {
+    "retry": (control.retry_runs, _("retried"), _("not dead, cancelled or succeeded")),
+    "cancel": (control.cancel_runs, _("cancelled"), _("not pending or retrying")),
+}
+
 
 class CappedCountPaginator(Paginator):  # type: ignore[type-arg]
     """Counts at most ``cap + 1`` rows, so a list over a million rows costs an index range, not a scan.
@@ -459,16 +465,15 @@ class RunAdmin(_ReadOnlyAdmin):
     @admin.action(description=_("Retry selected runs"), permissions=["retry"])
     def retry_selected(self, request: HttpRequest, queryset: QuerySet[Run]) -> None:
         outcome = control.retry_runs(queryset.values_list("pk", flat=True))
-        self._report(request, outcome, _("retried"), _("not dead, cancelled or succeeded"))
+        self._report(request, outcome, "retry")
 
     @admin.action(description=_("Cancel selected runs"), permissions=["cancel"])
     def cancel_selected(self, request: HttpRequest, queryset: QuerySet[Run]) -> None:
         outcome = control.cancel_runs(queryset.values_list("pk", flat=True))
-        self._report(request, outcome, _("cancelled"), _("not pending or retrying"))
+        self._report(request, outcome, "cancel")
 
-    def _report(
-        self, request: HttpRequest, outcome: control.Outcome, verb: StrOrPromise, why: StrOrPromise
-    ) -> None:
+    def _report(self, request: HttpRequest, outcome: control.Outcome, name: str) -> None:
+        _action, verb, why = RUN_ACTIONS[name]
         text = ngettext("%(n)d run %(verb)s", "%(n)d runs %(verb)s", outcome.done) % {
             "n": outcome.done,
             "verb": verb,
@@ -496,26 +501,21 @@ class RunAdmin(_ReadOnlyAdmin):
         """POST: retry one run (the button on a dead, cancelled or succeeded run's page)."""
         if not self.has_retry_permission(request):
             raise PermissionDenied
-        return self._one_run_action(request, object_id, control.retry_runs, "retry")
+        return self._one_run_action(request, object_id, "retry")
 
     def cancel_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
         """POST: cancel one pending or retrying run."""
         if not self.has_cancel_permission(request):
             raise PermissionDenied
-        return self._one_run_action(request, object_id, control.cancel_runs, "cancel")
+        return self._one_run_action(request, object_id, "cancel")
 
-    def _one_run_action(
-        self, request: HttpRequest, object_id: str, action: Callable[[list[Any]], control.Outcome], name: str
-    ) -> HttpResponse:
+    def _one_run_action(self, request: HttpRequest, object_id: str, name: str) -> HttpResponse:
         not_post = self._post_only(request)
         if not_post:
             return not_post
         run = get_object_or_404(Run, pk=_as_uuid(object_id) or _not_found())
-        outcome = action([run.pk])
-        if name == "retry":
-            self._report(request, outcome, _("retried"), _("not dead, cancelled or succeeded"))
-        else:
-            self._report(request, outcome, _("cancelled"), _("not pending or retrying"))
+        action = RUN_ACTIONS[name][0]
+        self._report(request, action([run.pk]), name)
         return HttpResponseRedirect(reverse("admin:django_events_run_change", args=[run.pk]))
 
     def change_view(
