@@ -230,3 +230,103 @@ class Attempt(models.Model):
     def duration(self) -> dt.timedelta:
         """How long the attempt took."""
         return self.finished_at - self.started_at
+
+
+class QueuedMessageState(models.TextChoices):
+    """Where a message of ``broker.DatabaseBroker`` stands."""
+
+    READY = "ready", _("ready")
+    """Waiting for a consumer; deliverable once ``available_at`` has come (later for a delayed message)."""
+    TAKEN = "taken", _("taken")
+    """Delivered to a consumer, whose hold ends at ``available_at`` unless its worker keeps extending it.
+
+    Once the hold has ended (the worker died), any consumer may take the message again.
+    """
+    DEAD = "dead", _("dead")
+    """Rejected by a worker (Dramatiq's dead letter): kept for inspection, never delivered again."""
+
+
+#: States of the messages that are still to be delivered or acknowledged.
+PENDING_MESSAGE_STATES: frozenset[str] = frozenset({QueuedMessageState.READY, QueuedMessageState.TAKEN})
+
+
+class QueuedMessageQuerySet(models.QuerySet["QueuedMessage"]):
+    """Named filters for the database broker's messages."""
+
+    def in_queue(self, queue_name: str) -> QueuedMessageQuerySet:
+        """Messages of one Dramatiq queue."""
+        return self.filter(queue_name=queue_name)
+
+    def pending(self) -> QueuedMessageQuerySet:
+        """Messages not yet acknowledged nor dead: ready (delayed ones too) or taken."""
+        return self.filter(state__in=sorted(PENDING_MESSAGE_STATES))  # sorted: as in the index
+
+    def deliverable(self, now: dt.datetime | None = None) -> QueuedMessageQuerySet:
+        """Messages a consumer may take now: ready and due, or taken by a consumer whose hold ended."""
+        return self.pending().filter(available_at__lte=now or timezone.now())
+
+    def dead(self) -> QueuedMessageQuerySet:
+        """Dead-lettered messages."""
+        return self.filter(state=QueuedMessageState.DEAD)
+
+
+class QueuedMessage(models.Model):
+    """One Dramatiq message in the queues of ``django_events.broker.DatabaseBroker``.
+
+    A row is inserted by ``enqueue()`` (in the caller's transaction, if any),
+    taken by a consumer (``ready`` -> ``taken``), and deleted when the worker
+    acknowledges it, or kept as ``dead`` when the worker rejects it.
+
+    ``available_at`` is when the message may next be delivered: its ``eta``
+    while it is ready, and while it is taken the end of the consumer's hold
+    (its visibility timeout, which a live worker keeps pushing back). So "may
+    a consumer take it now?" is one range condition on one column, served by
+    one partial index, for new, delayed and abandoned messages alike. For a
+    dead message it is when the message was rejected.
+    """
+
+    id = models.BigAutoField(primary_key=True)
+    queue_name = models.CharField(max_length=255, help_text=_("The Dramatiq queue."))
+    actor_name = models.CharField(max_length=255, blank=True, help_text=_("The Dramatiq actor."))
+    message_id = models.CharField(max_length=255, help_text=_("The Dramatiq message id."))
+    body = models.BinaryField(help_text=_("The message, encoded with Dramatiq's encoder."))
+    state = models.CharField(
+        max_length=8, choices=QueuedMessageState.choices, default=QueuedMessageState.READY
+    )
+    available_at = models.DateTimeField(
+        default=timezone.now,
+        help_text=_(
+            "When the message may next be delivered: its eta while ready, the end of the "
+            "consumer's hold while taken, when it was rejected if dead."
+        ),
+    )
+    delivery_count = models.PositiveIntegerField(default=0, help_text=_("Times a consumer took it."))
+    taken_by = models.CharField(
+        max_length=255, blank=True, help_text=_("The broker (host:pid:id) that took it last.")
+    )
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    objects = QueuedMessageQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["id"]
+        indexes = [
+            # The take, the wake-up schedule and join(): deliverable messages of a queue, soonest first.
+            models.Index(
+                fields=["queue_name", "available_at"],
+                condition=Q(state__in=sorted(PENDING_MESSAGE_STATES)),
+                name="django_events_qmsg_due",
+            ),
+            # A worker's heartbeat: the messages its broker holds.
+            models.Index(
+                fields=["taken_by"],
+                condition=Q(state=QueuedMessageState.TAKEN),
+                name="django_events_qmsg_taken",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.actor_name or self.message_id} on {self.queue_name} [{self.state}]"
+
+
+__all__ += ["PENDING_MESSAGE_STATES", "QueuedMessage", "QueuedMessageQuerySet", "QueuedMessageState"]
