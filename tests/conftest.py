@@ -48,11 +48,9 @@ def make_broker(kind: str) -> dramatiq.Broker:
     return broker
 
 
-@pytest.fixture(params=["redis", "rabbitmq"])
-def broker(request: pytest.FixtureRequest) -> Iterator[dramatiq.Broker]:
-    """A real broker, made the global one for the duration of the test."""
+def as_global_broker(broker: dramatiq.Broker) -> Iterator[dramatiq.Broker]:
+    """Make ``broker`` the global one while the caller's fixture is active; flush and close it after."""
     previous = dramatiq.get_broker()
-    broker = make_broker(request.param)
     dramatiq.set_broker(broker)
     try:
         yield broker
@@ -60,6 +58,12 @@ def broker(request: pytest.FixtureRequest) -> Iterator[dramatiq.Broker]:
         broker.flush_all()
         broker.close()
         dramatiq.set_broker(previous)
+
+
+@pytest.fixture(params=["redis", "rabbitmq"])
+def broker(request: pytest.FixtureRequest) -> Iterator[dramatiq.Broker]:
+    """A real broker, made the global one for the duration of the test."""
+    yield from as_global_broker(make_broker(request.param))
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import dramatiq
 import pytest
 
 from django_events.apps import install_broker_middleware
+from tests.conftest import as_global_broker
 
 from .kit import KINDS, Kit, new_broker
 
@@ -27,14 +28,7 @@ def broker(request: pytest.FixtureRequest, transactional_db: None) -> Iterator[d
     """Overrides ``tests/conftest.py``'s: a broker of each kind, the database one included,
     with django-events installed, made the global broker for the test (for its ``worker`` fixture).
     """
-    previous = dramatiq.get_broker()
     broker = new_broker(request.param)
     install_broker_middleware(broker)
     broker.flush_all()
-    dramatiq.set_broker(broker)
-    try:
-        yield broker
-    finally:
-        broker.flush_all()
-        broker.close()
-        dramatiq.set_broker(previous)
+    yield from as_global_broker(broker)
