@@ -19,7 +19,7 @@ from django.utils import timezone
 from .conf import get_settings
 from .models import Event, Run, RunStatus, sources_of
 from .registry import get_function
-from .sending import enqueue_on_commit, new_runs
+from .sending import enqueue_with_transaction, new_runs
 
 __all__ = ["Outcome", "cancel_runs", "replay_event", "retry_runs"]
 
@@ -70,7 +70,7 @@ def retry_runs(run_ids: Iterable[Any]) -> Outcome:
                 )
             )
             refs.extend((pk, function_id) for pk in pks)
-        enqueue_on_commit(refs, using)
+        enqueue_with_transaction(refs, using)
     return Outcome(done=done, skipped=len(ids) - done)
 
 
@@ -100,5 +100,5 @@ def replay_event(event: Event) -> list[Run]:
     if runs:
         with transaction.atomic(using=using):
             Run.objects.using(using).bulk_create(runs)
-            enqueue_on_commit([(run.pk, run.function) for run in runs], using)
+            enqueue_with_transaction([(run.pk, run.function) for run in runs], using)
     return runs

@@ -37,6 +37,7 @@ from .exceptions import (
 )
 from .models import WAITING_STATUSES, Attempt, AttemptOutcome, Run, RunStatus
 from .registry import Context, Function, get_function
+from .sending import enqueue_with_transaction
 
 __all__ = ["RUN_DEAD_EVENT", "Execution", "Failure", "backoff_delay", "classify", "execute_run", "record"]
 
@@ -295,7 +296,7 @@ def record(
             run.status, run.attempts = to, attempt
             if to == RunStatus.RETRYING and enqueue:
                 delay = (changes["due_at"] - finished).total_seconds()
-                transaction.on_commit(lambda: _enqueue(run, delay=delay), using=using)
+                enqueue_with_transaction([(run.pk, run.function)], using, delay=delay)
             if to == RunStatus.DEAD and run.event_name != RUN_DEAD_EVENT:
                 _send_dead_event(run, attempt)
         else:

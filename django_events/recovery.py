@@ -33,7 +33,7 @@ from .conf import get_settings
 from .exceptions import WorkerLostError
 from .execution import Execution, Failure, backoff_delay, record
 from .models import AttemptOutcome, Run
-from .sending import enqueue_on_commit
+from .sending import enqueue_with_transaction
 
 __all__ = ["RecoveryLoop", "RecoveryReport", "recover"]
 
@@ -112,7 +112,7 @@ def _requeue_waiting(
             .values_list("pk", flat=True)
         )
         rows = [row for row in rows if row[0] in mine]
-        enqueue_on_commit([(pk, function) for pk, function, _status in rows], using)
+        enqueue_with_transaction([(pk, function) for pk, function, _status in rows], using)
     report.requeued.extend(rows)
 
 

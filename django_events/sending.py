@@ -1,4 +1,4 @@
-"""``send()`` and ``send_many()``: validate, store the event and its runs, enqueue on commit.
+"""``send()`` and ``send_many()``: validate, store the event and its runs, enqueue them with the transaction.
 
 Models are imported inside the functions: this module is imported by
 ``django_events/__init__.py``, which must load before the apps are ready.
@@ -147,7 +147,7 @@ def _store(outgoing: list[_Outgoing]) -> list[Event]:
             Event.objects.using(using).bulk_create(unkeyed)
         if runs:
             Run.objects.using(using).bulk_create(runs)
-            enqueue_on_commit([(run.pk, run.function) for run in runs], using)
+            enqueue_with_transaction([(run.pk, run.function) for run in runs], using)
     return result
 
 
@@ -168,13 +168,34 @@ def new_runs(event: Event, now: dt.datetime) -> list[Run]:
     ]
 
 
-def enqueue_on_commit(refs: list[tuple[Any, str]], using: str) -> None:
-    """Send the messages of runs ``(run id, function id)`` once the current transaction commits.
+def enqueue_with_transaction(refs: list[tuple[Any, str]], using: str, *, delay: float | None = None) -> None:
+    """Send the messages of runs ``(run id, function id)`` if, and only if, the transaction commits.
 
-    A broker failure is logged, never raised: the runs stay in the database.
+    With a broker that writes to database ``using`` itself (``DatabaseBroker``),
+    the messages are written now, in the current transaction: they commit or roll
+    back with the runs, and there is no moment between the commit and the enqueue.
+    A failure to write them is a database error like any other and fails the
+    transaction, so nothing is half-stored.
+
+    With any other broker they are sent once the transaction commits; a broker
+    failure then is logged, never raised: the runs stay in the database and
+    recovery sends them later.
+
+    ``delay``: seconds before the messages may be delivered (a retry's backoff).
     """
-    if refs:
-        transaction.on_commit(lambda: _enqueue_after_commit(refs), using=using)
+    if not refs:
+        return
+    import dramatiq
+
+    from .broker import is_transactional
+
+    if is_transactional(dramatiq.get_broker(), using):
+        from .tasks import enqueue_run
+
+        for run_id, function_id in refs:
+            enqueue_run(run_id, function_id, delay=delay)
+    else:
+        transaction.on_commit(lambda: _enqueue_after_commit(refs, delay), using=using)
 
 
 def _new_event(item: _Outgoing, now: Any) -> Event:
@@ -219,20 +240,21 @@ def _insert_events(outgoing: list[_Outgoing], using: str, now: Any) -> dict[str,
     return found
 
 
-def _enqueue_after_commit(refs: list[tuple[Any, str]]) -> None:
+def _enqueue_after_commit(refs: list[tuple[Any, str]], delay: float | None) -> None:
     from .tasks import enqueue_run
 
     for index, (run_id, function_id) in enumerate(refs):
         try:
-            enqueue_run(run_id, function_id)
+            enqueue_run(run_id, function_id, delay=delay)
         except Exception:
-            # The runs are committed and stay pending in the database; recovery sends them later.
+            # The runs are committed and stay waiting in the database; recovery sends them later.
             # Stop at the first failure: a hung broker would cost its timeout for every run.
             logger.exception(
-                "Could not enqueue run %s of %s (and %d more run(s) of this commit); they stay pending "
+                "Could not enqueue run %s of %s (and %d more run(s) of this commit); they stay %s "
                 "in the database until recovery sends them.",
                 run_id,
                 function_id,
                 len(refs) - index - 1,
+                "pending" if delay is None else "retrying",
             )
             return
