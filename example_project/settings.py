@@ -1,10 +1,12 @@
 """Settings for the example project, read from the environment with django-environ.
 
 Every variable is optional; the defaults run the demo on one machine with
-SQLite and a local Redis:
+nothing but an SQLite file (the queues are a table in it too):
 
 - ``DATABASE_URL``: default ``sqlite:///<repo>/var/example.sqlite3``.
-- ``DRAMATIQ_BROKER_URL``: ``redis://...`` or ``amqp://...``; default ``redis://127.0.0.1:6379/0``.
+- ``DRAMATIQ_BROKER_URL``: ``redis://...`` or ``amqp://...`` to use Redis or RabbitMQ; unset or
+  empty (the default), run messages are queued in the database by
+  ``django_events.broker.DatabaseBroker``.
 - ``DJANGO_EVENTS_QUEUE``: the Dramatiq queue for run messages; default ``django_events``.
 - ``SECRET_KEY``: default an insecure development key. Set it anywhere but your laptop.
 - ``DEBUG``: default ``True``.
@@ -93,8 +95,9 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # Dramatiq and django-events -----------------------------------------------------------------------
 
-#: The broker the web process sends run messages to and the workers consume.
-DRAMATIQ_BROKER_URL = env.str("DRAMATIQ_BROKER_URL", default="redis://127.0.0.1:6379/0")
+#: Where the web process sends run messages and the workers take them: Redis or RabbitMQ
+#: when set, else the database itself (no service to run).
+DRAMATIQ_BROKER_URL = env.str("DRAMATIQ_BROKER_URL", default="")
 
 _BROKERS = {
     "redis": "dramatiq.brokers.redis.RedisBroker",
@@ -103,16 +106,17 @@ _BROKERS = {
     "amqps": "dramatiq.brokers.rabbitmq.RabbitmqBroker",
 }
 _scheme = urlsplit(DRAMATIQ_BROKER_URL).scheme.lower()
-if _scheme not in _BROKERS:
+if DRAMATIQ_BROKER_URL and _scheme not in _BROKERS:
     raise ImproperlyConfigured(
         f"DRAMATIQ_BROKER_URL must start with redis://, rediss://, amqp:// or amqps://, "
         f"not {_scheme + '://' if _scheme else repr(DRAMATIQ_BROKER_URL)}; for example "
-        "redis://127.0.0.1:6379/0 or amqp://guest:guest@127.0.0.1:5672/%2F."
+        "redis://127.0.0.1:6379/0 or amqp://guest:guest@127.0.0.1:5672/%2F. Leave it unset to "
+        "queue messages in the database."
     )
 
 DRAMATIQ_BROKER = {
-    "BROKER": _BROKERS[_scheme],
-    "OPTIONS": {"url": DRAMATIQ_BROKER_URL},
+    "BROKER": _BROKERS[_scheme] if DRAMATIQ_BROKER_URL else "django_events.broker.DatabaseBroker",
+    "OPTIONS": {"url": DRAMATIQ_BROKER_URL} if DRAMATIQ_BROKER_URL else {"database": "default"},
     "MIDDLEWARE": [
         "dramatiq.middleware.AgeLimit",
         "dramatiq.middleware.TimeLimit",

@@ -1,42 +1,61 @@
 """End to end: the example project's ``demo`` command, with a real worker, broker, site and database.
 
-This is the README's first command. It runs in a subprocess with the example's
-own settings (not ``tests.settings``), a fresh SQLite file and mail directory in
-``tmp_path``, and a Dramatiq queue of its own, so that it never meets the
-messages of another demo on the same Redis.
+``test_readme_first_command_runs_the_demo_with_no_service`` is the README's first
+command, word for word, in a copy of the repository with a new virtualenv, its demo
+run in a network namespace of its own where no Redis, RabbitMQ or PostgreSQL can be
+reached: the database broker and an SQLite file are all it has.
+
+The other tests run the demo with ``DRAMATIQ_BROKER_URL`` set (Redis in the SQLite
+environments, RabbitMQ in the PostgreSQL ones, on a fresh PostgreSQL database) and,
+in the PostgreSQL environments, the database broker on PostgreSQL (``LISTEN/NOTIFY``).
+Each uses the example's own settings (not ``tests.settings``), a fresh database and
+mail directory, and a Dramatiq queue of its own.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shlex
+import shutil
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from django.conf import settings
 
 REPO_DIR = Path(__file__).resolve().parents[2]
 #: What Django's file-based e-mail backend writes after each message.
 MAIL_SEPARATOR = "\n" + "-" * 79 + "\n"
+#: Variables of the test run that must not reach the demo (a "fresh machine" has none of them).
+FOREIGN_VARIABLES = ("DJANGO", "DRAMATIQ", "DATABASE_URL", "EMAIL_FILE_PATH", "TOX_", "VIRTUAL_ENV", "PYTHON")
+IS_POSTGRESQL = settings.DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql"
 
 
-def _demo_env(tmp_path: Path) -> dict[str, str]:
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "example_project.settings",
-        "DATABASE_URL": f"sqlite:///{tmp_path / 'example.sqlite3'}",
-        "EMAIL_FILE_PATH": str(tmp_path / "mail"),
-        "DJANGO_EVENTS_QUEUE": f"example_e2e_{uuid.uuid4().hex[:12]}",
-        "PYTHONUNBUFFERED": "1",
-    }
-    env.pop("DJANGO_SUPERUSER_PASSWORD", None)
+def _clean_env(**extra: str) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith(FOREIGN_VARIABLES)}
+    env.update(PYTHONUNBUFFERED="1", **extra)
     return env
 
 
 def _text(output: str | bytes | None) -> str:
     return output.decode(errors="replace") if isinstance(output, bytes) else output or ""
+
+
+def _run(
+    command: list[str], *, cwd: Path, env: dict[str, str], timeout: float
+) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(
+            f"{shlex.join(command)} did not finish in {timeout:.0f} s.\n--- stdout ---\n{_text(exc.stdout)}"
+            f"\n--- stderr ---\n{_text(exc.stderr)}"
+        )
 
 
 def _explain(result: subprocess.CompletedProcess[str], worker_log: Path) -> str:
@@ -47,26 +66,8 @@ def _explain(result: subprocess.CompletedProcess[str], worker_log: Path) -> str:
     )
 
 
-@pytest.mark.e2e
-def test_demo_shows_successes_a_retried_run_and_a_dead_run(tmp_path: Path) -> None:
-    # Given: a fresh database and mail directory, and the broker at DRAMATIQ_BROKER_URL (Redis by default)
-    worker_log = tmp_path / "worker.log"
-    command = [sys.executable, "manage.py", "demo", "--timeout", "90", "--worker-log", str(worker_log)]
-
-    # When: the demo runs, as in the README
-    try:
-        result = subprocess.run(
-            command, cwd=REPO_DIR, env=_demo_env(tmp_path), capture_output=True, text=True, timeout=120
-        )
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(
-            f"the demo did not finish in 120 s.\n--- stdout ---\n{_text(exc.stdout)}"
-            f"\n--- stderr ---\n{_text(exc.stderr)}"
-        )
-
-    # Then: it succeeds and reports every outcome
-    assert result.returncode == 0, _explain(result, worker_log)
-    out = result.stdout
+def _check_summary(out: str, mail_dir: Path) -> None:
+    """The demo's summary reports every outcome, the e-mails and the admin, and it stopped cleanly."""
     assert "Created the admin user: admin / " in out
     assert "All 9 runs finished" in out
     assert "Runs by status: succeeded 8, dead 1" in out
@@ -79,10 +80,139 @@ def test_demo_shows_successes_a_retried_run_and_a_dead_run(tmp_path: Path) -> No
     assert "Dead: sources.sync_to_crm for 'Broken Warehouse', after 4 attempts" in out
     assert "ConnectionError: CRM unavailable" in out
     # The welcome e-mails were written where the settings said.
-    assert f"E-mails: 3 e-mails written to {tmp_path / 'mail'}" in out
-    written = "".join(path.read_text() for path in (tmp_path / "mail").iterdir())
+    assert f"E-mails: 3 e-mails written to {mail_dir}" in out
+    written = "".join(path.read_text() for path in mail_dir.iterdir())
     assert written.count(MAIL_SEPARATOR) == 3
     assert "To: cy@warehouse.example" in written
     # And it says where to look in the admin, and stops what it started.
     assert re.search(r"^Admin: .*/admin/.*log in as 'admin'", out, re.MULTILINE)
     assert out.rstrip().endswith("Stopped the worker and the site.")
+
+
+def _readme_first_command() -> str:
+    """The command under "# 1." in the README's first ``bash`` block."""
+    readme = (REPO_DIR / "README.md").read_text()
+    block = readme.split("```bash\n", 1)[1].split("```", 1)[0]
+    lines = block.splitlines()
+    for index, line in enumerate(lines):
+        if line.startswith("# 1."):
+            return lines[index + 1]
+    raise AssertionError(f"no '# 1.' line in the README's first bash block:\n{block}")
+
+
+def _isolated_network_prefix() -> list[str]:
+    """A command prefix running its command in a network namespace of its own, loopback only."""
+    prefix = ["unshare", "--net", "--map-root-user", "sh", "-c", 'ip link set lo up && exec "$@"', "sh"]
+    if shutil.which("unshare") is None or shutil.which("ip") is None:
+        pytest.skip("needs util-linux's unshare and iproute2's ip to cut the demo off the machine's services")
+    probe = subprocess.run([*prefix, "true"], capture_output=True, text=True, check=False)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot create a network namespace here: {probe.stderr.strip()}")
+    return prefix
+
+
+@pytest.mark.e2e
+def test_readme_first_command_runs_the_demo_with_no_service(tmp_path: Path) -> None:
+    # Given: the README's first command, a copy of the repository with no virtualenv and no
+    # local state, and a network namespace where 127.0.0.1 has no Redis, RabbitMQ or PostgreSQL
+    command = _readme_first_command()
+    *install, demo = command.split(" && ")
+    assert demo == ".venv/bin/python manage.py demo", command
+    isolated = _isolated_network_prefix()
+    cut_off = subprocess.run(
+        [*isolated, sys.executable, "-c", _PROBE_SERVICES], capture_output=True, text=True, check=False
+    )
+    assert cut_off.stdout.split() == ["refused"] * 3, cut_off.stdout + cut_off.stderr
+    repo = tmp_path / "repo"
+    shutil.copytree(
+        REPO_DIR,
+        repo,
+        ignore=shutil.ignore_patterns(".git", ".tox", ".venv", "var", "__pycache__", "*.egg-info", "build"),
+    )
+    env = _clean_env()
+
+    # When: it runs; its install step with the package registry in reach, the demo without any network
+    installed = _run(["bash", "-c", " && ".join(install)], cwd=repo, env=env, timeout=600)
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+    result = _run([*isolated, *shlex.split(demo)], cwd=repo, env=env, timeout=180)
+
+    # Then: it used the database broker on an SQLite file, succeeded and reported every outcome
+    worker_log = repo / "var" / "demo-worker.log"
+    assert result.returncode == 0, _explain(result, worker_log)
+    assert "Broker:   the database (DatabaseBroker" in result.stdout
+    assert f"Database: {repo / 'var' / 'example.sqlite3'} (SQLite)" in result.stdout
+    _check_summary(result.stdout, repo / "var" / "mail")
+
+
+#: Prints, for PostgreSQL, Redis and RabbitMQ on 127.0.0.1, "refused" or what else happened.
+_PROBE_SERVICES = """
+import socket
+for port in (5432, 6379, 5672):
+    with socket.socket() as s:
+        s.settimeout(2)
+        try:
+            s.connect(("127.0.0.1", port))
+            print("reachable")
+        except ConnectionRefusedError:
+            print("refused")
+"""
+
+
+@contextlib.contextmanager
+def _fresh_postgresql_database() -> Iterator[str]:
+    """A new, empty database on the test PostgreSQL server, dropped afterwards; yields its URL."""
+    import psycopg
+
+    db = settings.DATABASES["default"]
+    host, port, user = db.get("HOST") or "127.0.0.1", db.get("PORT") or 5432, db.get("USER") or "postgres"
+    name = f"example_e2e_{uuid.uuid4().hex[:12]}"
+    server = {"host": host, "port": port, "user": user, "dbname": "postgres", "autocommit": True}
+    with psycopg.connect(**server) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgres://{user}@{host}:{port}/{name}"
+    finally:
+        with psycopg.connect(**server) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+#: (broker, database) combinations of the demo besides the README's: each environment runs the demo
+#: on the database it tests, with a broker URL, and the PostgreSQL ones also on the database broker.
+DEMOS = (
+    [("amqp://guest:guest@127.0.0.1:5672/%2F", "postgresql"), ("", "postgresql")]
+    if IS_POSTGRESQL
+    else [("redis://127.0.0.1:6379/0", "sqlite")]
+)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    ("broker_url", "database"), DEMOS, ids=[f"{url.split(':')[0] or 'database'}-{db}" for url, db in DEMOS]
+)
+def test_demo_runs_on_each_broker(tmp_path: Path, broker_url: str, database: str) -> None:
+    # Given: a fresh database and mail directory, the broker given by DRAMATIQ_BROKER_URL (the
+    # database broker if empty) and a queue of the test's own
+    worker_log = tmp_path / "worker.log"
+    with contextlib.ExitStack() as stack:
+        if database == "postgresql":
+            database_url = stack.enter_context(_fresh_postgresql_database())
+        else:
+            database_url = f"sqlite:///{tmp_path / 'example.sqlite3'}"
+        env = _clean_env(
+            DATABASE_URL=database_url,
+            DRAMATIQ_BROKER_URL=broker_url,
+            EMAIL_FILE_PATH=str(tmp_path / "mail"),
+            DJANGO_EVENTS_QUEUE=f"example_e2e_{uuid.uuid4().hex[:12]}",
+        )
+        command = [sys.executable, "manage.py", "demo", "--timeout", "90", "--worker-log", str(worker_log)]
+
+        # When: the demo runs
+        result = _run(command, cwd=REPO_DIR, env=env, timeout=150)
+
+    # Then: it used that broker, succeeded and reported every outcome
+    assert result.returncode == 0, _explain(result, worker_log)
+    if broker_url:
+        assert f"Broker:   {broker_url.replace('guest:guest', 'guest:***')} (reachable)" in result.stdout
+    else:
+        assert "Broker:   the database (DatabaseBroker" in result.stdout
+    _check_summary(result.stdout, tmp_path / "mail")

@@ -1,6 +1,7 @@
 """``python manage.py demo``: the whole example in one command, on real processes.
 
-It migrates the database, starts a Dramatiq worker (``rundramatiq``) and the
+With ``DRAMATIQ_BROKER_URL`` unset it needs no service: the queues are in the
+database. It migrates the database, starts a Dramatiq worker (``rundramatiq``) and the
 site, connects three sources over HTTP, waits until every run those events
 caused has finished, and prints what happened: retries, a dead run, e-mails.
 """
@@ -121,8 +122,13 @@ class Command(BaseCommand):
         if fresh:
             self._delete_sqlite_database()
         broker_url = settings.DRAMATIQ_BROKER_URL
-        check_broker(broker_url)
-        self._say(f"Broker:   {redact(broker_url)} (reachable)")
+        if broker_url:
+            check_broker(broker_url)
+            self._say(f"Broker:   {redact(broker_url)} (reachable)")
+        else:
+            self._say(
+                "Broker:   the database (DatabaseBroker; set DRAMATIQ_BROKER_URL for Redis or RabbitMQ)"
+            )
         self._say(f"Database: {describe_database()}")
 
         call_command("migrate", interactive=False, verbosity=0)
