@@ -1,0 +1,358 @@
+"""One benchmark, one mode, in one process: ``python -m benchmarks.driver WORKLOAD MODE [options]``.
+
+``benchmarks/suite.py`` runs this once per broker, workload and mode, with the
+environment of ``benchmarks/bench_settings.py``, and reads the JSON object it prints
+last on stdout. Workloads:
+
+- ``send``: ``--iterations`` transactions, each inserting one ``Item`` and sending one
+  event (``events``) or sending one message from ``transaction.on_commit`` (``plain``);
+  ``--fanout`` sends the event ten functions subscribe to. No worker runs.
+- ``send_many``: ``--iterations`` calls, each sending 1,000 events with ``send_many``
+  (``events``) or bulk-inserting 1,000 items and sending 1,000 messages on commit (``plain``).
+- ``drain``: ``--jobs`` events with one no-op function (or no-op messages) committed
+  first, then ``rundramatiq`` with ``--processes`` processes: jobs per second from the
+  first job's start until every run is ``succeeded`` in the database (``events``) or every
+  message was processed (``plain``).
+- ``latency``: workers started and idle, then ``--jobs`` jobs at ``--rate`` per second;
+  for each, the time from its transaction's commit to the function (or actor) starting.
+
+Each run starts from a new database (PostgreSQL: dropped and created; SQLite: a new file)
+and an empty queue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "benchmarks.bench_settings")
+sys.path.insert(0, str(ROOT))
+
+import django  # noqa: E402
+
+django.setup()
+
+import dramatiq  # noqa: E402
+from django.conf import settings  # noqa: E402
+from django.core.management import call_command  # noqa: E402
+from django.db import connection, connections, transaction  # noqa: E402
+
+import django_events  # noqa: E402
+from django_events.models import Attempt, Run, RunStatus  # noqa: E402
+from django_events.tasks import ACTOR_NAME  # noqa: E402
+
+from .benchapp.models import Item  # noqa: E402
+from .benchapp.tasks import plain_latency, plain_noop  # noqa: E402
+
+#: Seconds between two looks at the workers' figures or the database while waiting.
+POLL = 0.05
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q``-th percentile (0-100) of ``values``, by nearest rank."""
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
+    return ordered[rank - 1]
+
+
+def summary_ms(seconds: list[float]) -> dict[str, float]:
+    ms = [s * 1000 for s in seconds]
+    return {
+        "n": len(ms),
+        "median_ms": statistics.median(ms),
+        "p95_ms": percentile(ms, 95),
+        "p99_ms": percentile(ms, 99),
+        "max_ms": max(ms),
+        "mean_ms": statistics.fmean(ms),
+    }
+
+
+# -- Setting up ------------------------------------------------------------------------------------
+
+
+def fresh_database() -> None:
+    """Drop and create the benchmark database (or delete the SQLite file), then migrate it."""
+    db = settings.DATABASES["default"]
+    connections.close_all()
+    if db["ENGINE"] == "django.db.backends.sqlite3":
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{db['NAME']}{suffix}").unlink(missing_ok=True)
+    else:
+        import psycopg
+
+        server = {
+            "host": db.get("HOST") or "127.0.0.1",
+            "port": db.get("PORT") or 5432,
+            "user": db.get("USER") or "postgres",
+            "dbname": "postgres",
+            "autocommit": True,
+        }
+        with psycopg.connect(**server) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{db["NAME"]}" WITH (FORCE)')
+            admin.execute(f'CREATE DATABASE "{db["NAME"]}"')
+    call_command("migrate", verbosity=0, interactive=False)
+
+
+def empty_queue() -> None:
+    broker = dramatiq.get_broker()
+    broker.declare_queue(settings.QUEUE)
+    broker.flush_all()
+
+
+@contextmanager
+def workers(processes: int, threads: int) -> Iterator[Callable[[], dict[str, Any]]]:
+    """``manage.py rundramatiq`` on the benchmark settings; yields a function reading its figures."""
+    with tempfile.TemporaryDirectory(prefix="bench-") as out:
+        env = {**os.environ, "BENCH_OUT_DIR": out, "PYTHONUNBUFFERED": "1"}
+        log_path = Path(out) / "rundramatiq.log"
+        command = [
+            sys.executable,
+            "manage.py",
+            "rundramatiq",
+            "--processes",
+            str(processes),
+            "--threads",
+            str(threads),
+        ]
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+        def figures() -> dict[str, Any]:
+            if process.poll() is not None:
+                raise RuntimeError(
+                    f"rundramatiq exited with {process.returncode}:\n{log_path.read_text()[-3000:]}"
+                )
+            return read_figures(Path(out))
+
+        try:
+            yield figures
+        finally:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+            errors = [line for line in log_path.read_text(errors="replace").splitlines() if "ERROR" in line]
+            if errors:
+                print(
+                    f"rundramatiq logged {len(errors)} error line(s), the first: {errors[0]}", file=sys.stderr
+                )
+
+
+def read_figures(out: Path) -> dict[str, Any]:
+    """The worker processes' figures, merged: per actor count, first start, last end; latency starts."""
+    actors: dict[str, dict[str, float]] = {}
+    starts: dict[int, float] = {}
+    for path in out.glob("worker-*.json"):
+        try:
+            figures = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # being replaced: read at the next look
+        for name, entry in figures["actors"].items():
+            merged = actors.setdefault(name, {"count": 0, "failed": 0, "first": entry["first"], "last": 0.0})
+            merged["count"] += entry["count"]
+            merged["failed"] += entry["failed"]
+            merged["first"] = min(merged["first"], entry["first"])
+            merged["last"] = max(merged["last"], entry["last"])
+        for index, at in figures["starts"]:
+            starts.setdefault(index, at)  # a duplicate delivery: the first start counts
+    return {"actors": actors, "starts": starts}
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gave up after {timeout:.0f} s waiting for {what}")
+        time.sleep(POLL)
+
+
+def processed(figures: Callable[[], dict[str, Any]], actor: str) -> int:
+    return int(figures()["actors"].get(actor, {}).get("count", 0))
+
+
+# -- Workloads ---------------------------------------------------------------------------------------
+
+
+def bench_send(mode: str, iterations: int, fanout: bool) -> dict[str, Any]:
+    fresh_database()
+    empty_queue()
+    name = "bench/fanout" if fanout else "bench/noop"
+
+    def once(n: int) -> None:
+        with transaction.atomic():
+            Item.objects.create(name=f"item {n}")
+            if mode == "events":
+                django_events.send(name, {"n": n})
+            else:
+                transaction.on_commit(lambda: plain_noop.send(n))
+
+    for n in range(min(100, iterations)):  # warm up: connections, statement caches
+        once(n)
+    times = []
+    for n in range(iterations):
+        began = time.perf_counter()
+        once(n)
+        times.append(time.perf_counter() - began)
+    empty_queue()
+    return summary_ms(times)
+
+
+def bench_send_many(mode: str, iterations: int, batch: int = 1000) -> dict[str, Any]:
+    fresh_database()
+    empty_queue()
+
+    def once(n: int) -> None:
+        if mode == "events":
+            django_events.send_many([{"name": "bench/noop", "data": {"n": i}} for i in range(batch)])
+        else:
+            with transaction.atomic():
+                Item.objects.bulk_create([Item(name=f"item {i}") for i in range(batch)])
+                transaction.on_commit(lambda: [plain_noop.send(i) for i in range(batch)])
+
+    once(0)  # warm up
+    times = []
+    for n in range(iterations):
+        began = time.perf_counter()
+        once(n)
+        times.append(time.perf_counter() - began)
+    empty_queue()
+    return {**summary_ms(times), "batch": batch}
+
+
+def bench_drain(mode: str, jobs: int, processes: int, threads: int, timeout: float) -> dict[str, Any]:
+    fresh_database()
+    empty_queue()
+    if mode == "events":
+        for start in range(0, jobs, 1000):
+            django_events.send_many([{"name": "bench/noop"} for _ in range(min(1000, jobs - start))])
+        actor = ACTOR_NAME
+    else:
+        for i in range(jobs):
+            plain_noop.send(i)
+        actor = plain_noop.actor_name
+    connections.close_all()
+
+    began = time.time()
+    with workers(processes, threads) as figures:
+        if mode == "events":
+            not_done = Run.objects.exclude(status=RunStatus.SUCCEEDED)
+            wait_until(
+                lambda: processed(figures, actor) >= jobs and not not_done.exists(), timeout, "the runs"
+            )
+        else:
+            wait_until(lambda: processed(figures, actor) >= jobs, timeout, "the messages")
+        done_seen = time.time()
+        # The figures that showed every job processed hold the last end time too.
+        entry = figures()["actors"][actor]
+    result: dict[str, Any] = {
+        "jobs": jobs,
+        "processes": processes,
+        "threads": threads,
+        "messages_processed": int(entry["count"]),
+        "messages_failed": int(entry["failed"]),
+        "wall_s": done_seen - began,
+    }
+    end = entry["last"]
+    if mode == "events":
+        finished = Run.objects.order_by("-finished_at").values_list("finished_at", flat=True).first()
+        assert finished is not None
+        end = finished.timestamp()
+        result["runs_succeeded"] = Run.objects.filter(status=RunStatus.SUCCEEDED).count()
+        result["attempts"] = Attempt.objects.count()
+    result["seconds"] = end - entry["first"]
+    result["jobs_per_s"] = jobs / result["seconds"]
+    return result
+
+
+def bench_latency(
+    mode: str, jobs: int, rate: float, processes: int, threads: int, timeout: float
+) -> dict[str, Any]:
+    fresh_database()
+    empty_queue()
+    commits: dict[int, float] = {}
+    with workers(processes, threads) as figures:
+        # Warm up: every worker thread has connected and processed something; then they are idle.
+        warm_actor = ACTOR_NAME if mode == "events" else plain_noop.actor_name
+        for n in range(4 * processes * threads):
+            if mode == "events":
+                django_events.send("bench/noop", {"n": n})
+            else:
+                plain_noop.send(n)
+        wait_until(lambda: processed(figures, warm_actor) >= 4 * processes * threads, timeout, "the warm-up")
+
+        began = time.perf_counter()
+        late = 0
+        for i in range(jobs):
+            target = began + i / rate
+            pause = target - time.perf_counter()
+            if pause > 0:
+                time.sleep(pause)  # pacing the sender at `rate`, not waiting for anything
+            else:
+                late += 1
+            with transaction.atomic():
+                # Registered first, so it runs right after COMMIT, before any enqueue on commit.
+                transaction.on_commit(lambda i=i: commits.__setitem__(i, time.time()))
+                Item.objects.create(name=f"item {i}")
+                if mode == "events":
+                    django_events.send("bench/latency", {"i": i})
+                else:
+                    transaction.on_commit(lambda i=i: plain_latency.send(i))
+        sent_in = time.perf_counter() - began
+        wait_until(lambda: len(figures()["starts"]) >= jobs, timeout, "the latency probes")
+        starts = figures()["starts"]
+    latencies = [starts[i] - commits[i] for i in range(jobs)]
+    return {
+        **summary_ms(latencies),
+        "min_ms": min(latencies) * 1000,
+        "jobs": jobs,
+        "rate": rate,
+        "achieved_rate": jobs / sent_in,
+        "late_sends": late,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("workload", choices=["send", "send_many", "drain", "latency"])
+    parser.add_argument("mode", choices=["events", "plain"])
+    parser.add_argument("--iterations", type=int, default=2000)
+    parser.add_argument("--fanout", action="store_true")
+    parser.add_argument("--jobs", type=int, default=20000)
+    parser.add_argument("--rate", type=float, default=200.0)
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument("--timeout", type=float, default=900.0)
+    args = parser.parse_args()
+    if args.workload == "send":
+        result = bench_send(args.mode, args.iterations, args.fanout)
+    elif args.workload == "send_many":
+        result = bench_send_many(args.mode, args.iterations)
+    elif args.workload == "drain":
+        result = bench_drain(args.mode, args.jobs, args.processes, args.threads, args.timeout)
+    else:
+        result = bench_latency(args.mode, args.jobs, args.rate, args.processes, args.threads, args.timeout)
+    result["database"] = connection.vendor
+    result["broker"] = type(dramatiq.get_broker()).__name__
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
