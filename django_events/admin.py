@@ -3,10 +3,13 @@
 History is read-only here: nobody edits a run by hand. The actions go through
 ``django_events.control``, are POST with CSRF, and need the permissions
 ``django_events.retry_run``, ``django_events.cancel_run`` and
-``django_events.replay_event``. Lists never count a whole table (a capped
-count), every filter and the default ordering have an index, the date
-hierarchy probes an index instead of listing the distinct dates of every row,
-and error searches use ``ILIKE``, which the trigram index serves.
+``django_events.replay_event``. The database broker's messages are listed too
+("Broker messages"), read-only, with two actions on dead ones: requeue (needs
+``change_queuedmessage``) and delete (needs ``delete_queuedmessage``). Lists
+never count a whole table (a capped count); on runs and events every filter and
+the default ordering have an index, the date hierarchy probes an index instead
+of listing the distinct dates of every row, and error searches use ``ILIKE``,
+which the trigram index serves.
 """
 
 from __future__ import annotations
@@ -15,12 +18,14 @@ import datetime as dt
 import json
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, NoReturn
 
+import dramatiq
 from django.conf import settings
 from django.contrib import admin, messages
 from django.contrib.admin.views.main import ChangeList
+from django.contrib.auth import get_permission_codename
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.db import connections, models
@@ -38,12 +43,25 @@ from django.utils.safestring import SafeString
 from django.utils.text import capfirst
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
+from dramatiq.common import q_name
+from dramatiq.errors import DecodeError
 
 from . import control
-from .models import FINAL_STATUSES, Attempt, Event, Run, RunStatus, sources_of
+from .conf import get_settings
+from .models import (
+    FINAL_STATUSES,
+    Attempt,
+    Event,
+    QueuedMessage,
+    QueuedMessageState,
+    Run,
+    RunStatus,
+    sources_of,
+)
 from .registry import registered_functions
+from .tasks import ACTOR_NAME
 
-__all__ = ["CappedCountPaginator", "EventAdmin", "RunAdmin"]
+__all__ = ["CappedCountPaginator", "EventAdmin", "QueuedMessageAdmin", "RunAdmin"]
 
 StrOrPromise = str | Promise
 
@@ -753,3 +771,171 @@ class EventAdmin(_ReadOnlyAdmin):
     ) -> HttpResponse:
         extra_context = {**(extra_context or {}), "can_replay": self.has_replay_permission(request)}
         return super().change_view(request, object_id, form_url, extra_context)
+
+
+# -- the database broker's messages ----------------------------------------------------------------
+
+#: The run status whose badge colour each message state borrows (``admin.css`` styles run statuses).
+MESSAGE_BADGES: dict[str, str] = {
+    QueuedMessageState.READY: RunStatus.PENDING,
+    QueuedMessageState.TAKEN: RunStatus.RUNNING,
+    QueuedMessageState.DEAD: RunStatus.DEAD,
+}
+#: The message actions: what does the work, and how the report names what was done and skipped.
+MESSAGE_ACTIONS: dict[str, tuple[Callable[[Iterable[int], str], control.Outcome], Any, Any]] = {
+    "requeue": (control.requeue_dead_messages, _("requeued"), _("not dead")),
+    "delete": (control.delete_dead_messages, _("deleted"), _("not dead")),
+}
+
+
+def _state_badge(state: str) -> SafeString:
+    label = QueuedMessageState(state).label if state in QueuedMessageState.values else state
+    return format_html(
+        '<span class="de-badge de-badge-{}">{}</span>', MESSAGE_BADGES.get(state, state), label
+    )
+
+
+def _decode_body(queued: QueuedMessage) -> dramatiq.Message[Any] | None:
+    """The Dramatiq message a row holds, or ``None`` if its body does not decode (never raises)."""
+    try:
+        return dramatiq.Message.decode(bytes(queued.body))
+    except (DecodeError, TypeError, ValueError):  # decode() wraps its own failures in DecodeError
+        return None
+
+
+def _run_id(message: dramatiq.Message[Any]) -> uuid.UUID | None:
+    """The run id a message of django-events' actor carries (its one argument), if it is one."""
+    if message.actor_name != ACTOR_NAME or len(message.args) != 1 or message.kwargs:
+        return None
+    arg = message.args[0]
+    return _as_uuid(arg) if isinstance(arg, str) else None
+
+
+class QueueNameFilter(_RegistryChoicesFilter):
+    """Queues the broker has declared (and django-events' own), not a DISTINCT over the table."""
+
+    title = _("queue")
+    parameter_name = "queue_name"
+    field = "queue_name"
+
+    def choices_from_registry(self) -> list[str]:
+        declared = {q_name(name) for name in dramatiq.get_broker().get_declared_queues()}
+        return [*declared, get_settings().QUEUE_NAME]
+
+
+@admin.register(QueuedMessage)
+class QueuedMessageAdmin(_ReadOnlyAdmin):
+    """The database broker's messages: read-only, with requeue and delete for dead ones.
+
+    Requeue needs Django's ``change_queuedmessage`` permission and delete its
+    ``delete_queuedmessage``; the pages stay read-only either way (no form, no
+    delete page).
+    """
+
+    list_display = [
+        "id",
+        "queue_name",
+        "actor_name",
+        "state_badge",
+        "available_at",
+        "delivery_count",
+        "taken_by",
+        "created_at",
+        "run_link",
+    ]
+    list_filter = ["state", QueueNameFilter]
+    search_fields = ["message_id"]  # shows the search box; get_search_results does the work
+    search_help_text = _("The Dramatiq id of a dead message (exact).")
+    ordering = ["-id"]
+    actions = ["requeue_selected", "delete_selected_dead"]
+    fields = readonly_fields = (
+        "id",
+        "message_id",
+        "queue_name",
+        "actor_name",
+        "state_badge",
+        "available_at",
+        "delivery_count",
+        "taken_by",
+        "created_at",
+        "run_link",
+        "message_json",
+    )
+
+    # -- columns and fields ----------------------------------------------------------------
+
+    @admin.display(description=_("state"), ordering="state")
+    def state_badge(self, queued: QueuedMessage) -> SafeString:
+        return _state_badge(queued.state)
+
+    @admin.display(description=_("run"))
+    def run_link(self, queued: QueuedMessage) -> StrOrPromise:
+        if queued.actor_name != ACTOR_NAME:
+            return "-"
+        message = _decode_body(queued)
+        if message is None:
+            return _("undecodable")
+        run_id = _run_id(message)
+        if run_id is None:
+            return "-"
+        url = reverse("admin:django_events_run_change", args=[run_id])
+        return format_html('<a href="{}">{}</a>', url, run_id)
+
+    @admin.display(description=_("message"))
+    def message_json(self, queued: QueuedMessage) -> StrOrPromise:
+        message = _decode_body(queued)
+        if message is None:
+            return format_html(
+                '{}<pre class="de-pre">{}</pre>', _("undecodable"), repr(bytes(queued.body or b"")[:2000])
+            )
+        fields = {
+            "actor_name": message.actor_name,
+            "args": list(message.args),
+            "kwargs": message.kwargs,
+            "options": message.options,
+        }
+        try:
+            return _pretty_json(fields)
+        except (TypeError, ValueError):  # a custom Dramatiq encoder may give what JSON cannot hold
+            return format_html('<pre class="de-pre">{}</pre>', repr(fields))
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet[QueuedMessage], search_term: str
+    ) -> tuple[QuerySet[QueuedMessage], bool]:
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        # Dead messages only: the ones worth finding by id, and the ones the partial index holds.
+        return queryset.filter(state=QueuedMessageState.DEAD, message_id=term), False
+
+    # -- actions ---------------------------------------------------------------------------
+
+    def has_requeue_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm(f"{self.opts.app_label}.{get_permission_codename('change', self.opts)}")
+
+    def has_delete_dead_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm(f"{self.opts.app_label}.{get_permission_codename('delete', self.opts)}")
+
+    @admin.action(description=_("Requeue selected dead messages"), permissions=["requeue"])
+    def requeue_selected(self, request: HttpRequest, queryset: QuerySet[QueuedMessage]) -> None:
+        self._act(request, queryset, "requeue")
+
+    @admin.action(description=_("Delete selected dead messages"), permissions=["delete_dead"])
+    def delete_selected_dead(self, request: HttpRequest, queryset: QuerySet[QueuedMessage]) -> None:
+        self._act(request, queryset, "delete")
+
+    def _act(self, request: HttpRequest, queryset: QuerySet[QueuedMessage], name: str) -> None:
+        action, verb, why = MESSAGE_ACTIONS[name]
+        outcome = action(queryset.values_list("pk", flat=True), queryset.db)
+        text = ngettext("%(n)d message %(verb)s", "%(n)d messages %(verb)s", outcome.done) % {
+            "n": outcome.done,
+            "verb": verb,
+        }
+        if outcome.skipped:
+            text += "; " + ngettext("%(n)d skipped (%(why)s)", "%(n)d skipped (%(why)s)", outcome.skipped) % {
+                "n": outcome.skipped,
+                "why": why,
+            }
+        self.message_user(request, text + ".", messages.SUCCESS if outcome.done else messages.WARNING)

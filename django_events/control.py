@@ -1,4 +1,5 @@
-"""Operator actions on runs and events: retry, cancel, replay. The admin calls these; so can you.
+"""Operator actions on runs and events (retry, cancel, replay) and on the database broker's dead
+messages (requeue, delete). The admin calls these; so can you.
 
 Each changes only the rows whose status allows it (``models.TRANSITIONS``),
 says how many it changed and skipped, and enqueues what must run after the
@@ -12,16 +13,25 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from django.db import router, transaction
+import dramatiq
+from django.db import connections, router, transaction
 from django.db.models import F
 from django.utils import timezone
 
+from .broker import DatabaseBroker
 from .conf import get_settings
-from .models import Event, Run, RunStatus, sources_of
+from .models import Event, QueuedMessage, QueuedMessageState, Run, RunStatus, sources_of
 from .registry import get_function
 from .sending import enqueue_with_transaction, new_runs
 
-__all__ = ["Outcome", "cancel_runs", "replay_event", "retry_runs"]
+__all__ = [
+    "Outcome",
+    "cancel_runs",
+    "delete_dead_messages",
+    "replay_event",
+    "requeue_dead_messages",
+    "retry_runs",
+]
 
 
 @dataclass(frozen=True)
@@ -102,3 +112,58 @@ def replay_event(event: Event) -> list[Run]:
             Run.objects.using(using).bulk_create(runs)
             enqueue_with_transaction([(run.pk, run.function) for run in runs], using)
     return runs
+
+
+#: Message ids per statement of the message actions (far below SQLite's limit on parameters).
+MESSAGE_ACTION_CHUNK = 500
+
+
+def _announce_requeued(queues: list[str], using: str) -> None:
+    """Wake the database broker's consumers of ``queues`` when the current transaction commits.
+
+    On PostgreSQL with ``notify`` that is ``pg_notify(channel, queue)`` in the
+    transaction. If the global broker is not a ``DatabaseBroker`` on ``using``,
+    nothing: consumers find the messages at their next poll.
+    """
+    broker = dramatiq.get_broker()
+    if isinstance(broker, DatabaseBroker) and broker.database == using:
+        for queue in queues:
+            broker._announce(connections[using], queue)
+
+
+def requeue_dead_messages(message_ids: Iterable[int], using: str | None = None) -> Outcome:
+    """Make dead messages of the database broker ready again, deliverable now; other messages are skipped.
+
+    ``available_at`` becomes now and ``taken_by`` empty; the body is unchanged, so
+    Dramatiq's middleware sees the message as it was (its ``retries`` count, its
+    age). The database broker's consumers are woken when the transaction commits.
+    """
+    ids = list(dict.fromkeys(message_ids))
+    using = using or router.db_for_write(QueuedMessage)
+    now = timezone.now()
+    done = 0
+    queues: set[str] = set()
+    with transaction.atomic(using=using):
+        for start in range(0, len(ids), MESSAGE_ACTION_CHUNK):
+            dead = (
+                QueuedMessage.objects.using(using)
+                .dead()
+                .filter(pk__in=ids[start : start + MESSAGE_ACTION_CHUNK])
+            )
+            queues.update(dead.select_for_update().values_list("queue_name", flat=True))
+            done += dead.update(state=QueuedMessageState.READY, available_at=now, taken_by="")
+        if done:
+            _announce_requeued(sorted(queues), using)
+    return Outcome(done=done, skipped=len(ids) - done)
+
+
+def delete_dead_messages(message_ids: Iterable[int], using: str | None = None) -> Outcome:
+    """Delete dead messages of the database broker; other messages are skipped."""
+    ids = list(dict.fromkeys(message_ids))
+    using = using or router.db_for_write(QueuedMessage)
+    done = 0
+    with transaction.atomic(using=using):
+        for start in range(0, len(ids), MESSAGE_ACTION_CHUNK):
+            chunk = ids[start : start + MESSAGE_ACTION_CHUNK]
+            done += QueuedMessage.objects.using(using).dead().filter(pk__in=chunk).delete()[0]
+    return Outcome(done=done, skipped=len(ids) - done)

@@ -323,7 +323,20 @@ class QueuedMessage(models.Model):
                 condition=Q(state=QueuedMessageState.TAKEN),
                 name="django_events_qmsg_taken",
             ),
+            # The admin's dead messages, newest first, and prune's walk through them. Partial:
+            # the hot path (insert, take, delete) never writes to these two.
+            models.Index(
+                fields=["id"], condition=Q(state=QueuedMessageState.DEAD), name="django_events_qmsg_dead"
+            ),
+            # The admin's search for a dead message by its Dramatiq id.
+            models.Index(
+                fields=["message_id"],
+                condition=Q(state=QueuedMessageState.DEAD),
+                name="django_events_qmsg_dead_msgid",
+            ),
         ]
+        verbose_name = _("broker message")
+        verbose_name_plural = _("broker messages")
 
     def __str__(self) -> str:
         return f"{self.actor_name or self.message_id} on {self.queue_name} [{self.state}]"
