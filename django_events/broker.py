@@ -218,6 +218,7 @@ class DatabaseBroker(Broker):
         self._wal_checked = False
         self._vendor: str | None = None
         self._uses_notify: bool | None = None
+        self._insert_sql: tuple[str, list[Any]] | None = None
 
     # -- Properties ----------------------------------------------------------------------------
 
@@ -330,18 +331,27 @@ class DatabaseBroker(Broker):
 
         self.logger.debug("Enqueueing message %r on queue %r.", message.message_id, queue_name)
         self.emit_before("enqueue", message, delay)
+        row = QueuedMessage(
+            queue_name=queue_name,
+            actor_name=message.actor_name[:255],
+            message_id=message.message_id[:255],
+            body=message.encode(),
+            available_at=available_at,
+            created_at=now,
+        )
         try:
             # No transaction of our own: inside the caller's, the message is part of it; outside
-            # one, the INSERT commits by itself and the notification follows (two round trips).
-            QueuedMessage.objects.using(self.database).create(
-                queue_name=queue_name,
-                actor_name=message.actor_name[:255],
-                message_id=message.message_id[:255],
-                body=message.encode(),
-                available_at=available_at,
-                created_at=now,
-            )
-            self._announce(connections[self.database], queue_name)
+            # one, the statement commits by itself. One statement either way: on PostgreSQL its
+            # WITH clause inserts the row and its SELECT notifies the consumers (on commit).
+            db = connections[self.database]
+            sql, fields = self._insert_statement(db)
+            params = [field.get_db_prep_save(getattr(row, field.attname), db) for field in fields]
+            with db.cursor() as cursor:
+                if self.uses_notify:
+                    cursor.execute(sql, [*params, self.channel, queue_name])
+                else:
+                    cursor.execute(sql, params)
+                    self._announce(db, queue_name)
         except (OperationalError, InterfaceError) as exc:
             raise _error(ConnectionClosed, exc) from exc
         self.emit_after("enqueue", message, delay)
@@ -389,6 +399,21 @@ class DatabaseBroker(Broker):
             consumer.close()
 
     # -- For consumers -------------------------------------------------------------------------
+
+    def _insert_statement(self, db: BaseDatabaseWrapper) -> tuple[str, list[Any]]:
+        """The INSERT of one message (with its notification, if consumers listen) and its fields."""
+        if self._insert_sql is None:
+            from .models import QueuedMessage
+
+            quote = db.ops.quote_name
+            fields = [field for field in QueuedMessage._meta.concrete_fields if not field.primary_key]
+            columns = ", ".join(quote(str(field.column)) for field in fields)
+            placeholders = ", ".join(["%s"] * len(fields))
+            sql = f"INSERT INTO {quote(QueuedMessage._meta.db_table)} ({columns}) VALUES ({placeholders})"
+            if self.uses_notify:
+                sql = f"WITH inserted AS ({sql} RETURNING 1) SELECT pg_notify(%s, %s) FROM inserted"
+            self._insert_sql = (sql, fields)
+        return self._insert_sql
 
     def _announce(self, db: BaseDatabaseWrapper, queue_name: str) -> None:
         """Tell consumers of ``queue_name`` that messages await, once ``db``'s transaction commits."""

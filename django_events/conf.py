@@ -45,6 +45,10 @@ class EventsSettings:
     #: Time limit, in seconds, for functions that do not set ``time_limit``
     #: (``None``: Dramatiq's ``TimeLimit`` default, 10 minutes).
     DEFAULT_TIME_LIMIT: float | None = None
+    #: Seconds a worker thread keeps its database connection from one message to the next
+    #: (``None``: as Django's ``CONN_MAX_AGE`` says, which by default closes it after each).
+    #: A connection that failed, or that a function left outside autocommit, is closed at once.
+    WORKER_CONN_MAX_AGE: float | None = 300.0
 
     def __post_init__(self) -> None:
         checks: list[tuple[str, bool]] = [
@@ -68,6 +72,11 @@ class EventsSettings:
                 "DEFAULT_TIME_LIMIT",
                 self.DEFAULT_TIME_LIMIT is None
                 or (_is_number(self.DEFAULT_TIME_LIMIT) and self.DEFAULT_TIME_LIMIT > 0),
+            ),
+            (
+                "WORKER_CONN_MAX_AGE",
+                self.WORKER_CONN_MAX_AGE is None
+                or (_is_number(self.WORKER_CONN_MAX_AGE) and self.WORKER_CONN_MAX_AGE >= 0),
             ),
         ]
         for key, ok in checks:

@@ -27,7 +27,7 @@ from django.utils import timezone
 from dramatiq.middleware.shutdown import Shutdown
 from dramatiq.middleware.time_limit import TimeLimitExceeded
 
-from . import signals
+from . import hotpath, signals
 from .conf import get_settings
 from .exceptions import (
     FunctionNotFoundError,
@@ -101,11 +101,18 @@ def backoff_delay(attempt: int) -> float:
 def lease_seconds(spec: Function | None) -> float:
     """How long a worker holds a run: the function's time limit plus ``LEASE_MARGIN``."""
     limit_ms = spec.time_limit_ms() if spec is not None else get_settings().default_time_limit_ms
-    limit = DRAMATIQ_DEFAULT_TIME_LIMIT if limit_ms is None else limit_ms / 1000
+    return lease_for_time_limit(limit_ms)
+
+
+def lease_for_time_limit(time_limit_ms: float | None) -> float:
+    """The lease, in seconds, of an attempt under a time limit in ms (``None``: Dramatiq's default)."""
+    limit = DRAMATIQ_DEFAULT_TIME_LIMIT if time_limit_ms is None else time_limit_ms / 1000
     return limit + get_settings().LEASE_MARGIN
 
 
-def execute_run(run_id: Any, *, ignore_due: bool = False, enqueue: bool = True) -> Execution:
+def execute_run(
+    run_id: Any, *, ignore_due: bool = False, enqueue: bool = True, lease: float | None = None
+) -> Execution:
     """Claim run ``run_id``, call its function and record how it ended.
 
     Args:
@@ -114,6 +121,10 @@ def execute_run(run_id: Any, *, ignore_due: bool = False, enqueue: bool = True) 
             future (the testing helpers use this to skip backoff delays).
         enqueue: send the Dramatiq message for a retry after commit (the testing
             helpers turn this off and run retries themselves).
+        lease: seconds the worker holds the run, if known before reading it (the
+            actor knows it from its message's time limit): then one statement claims
+            the run and reads it with its event. Otherwise the run is read first and
+            the lease comes from its function.
 
     A run that cannot be claimed (unknown, final, held by a live lease) is
     skipped, so duplicate deliveries of a message are harmless.
@@ -125,22 +136,30 @@ def execute_run(run_id: Any, *, ignore_due: bool = False, enqueue: bool = True) 
         return Execution.SKIPPED
     using = router.db_for_write(Run)
     now = timezone.now()
-    run = Run.objects.using(using).select_related("event").filter(pk=run_id).first()
-    if run is None:
-        logger.warning("Dropped a message for run %s: no such run.", run_id)
-        return Execution.SKIPPED
-    if run.status in WAITING_STATUSES and run.due_at and run.due_at > now and not ignore_due:
-        # Early: a duplicate message, or a delayed one cut short by the broker's maximum delay.
-        if enqueue:
-            _enqueue(run, delay=(run.due_at - now).total_seconds())
-        return Execution.SKIPPED
-
-    spec = get_function(run.function)
-    attempt = run.attempts + 1
-    claimed = _claim(run, using=using, now=now, ignore_due=ignore_due, lease=lease_seconds(spec))
-    if claimed is None:
-        logger.debug("Skipped run %s (%s): not claimable.", run.pk, run.status)
-        return Execution.SKIPPED
+    run: Run | None = None
+    if lease is not None and hotpath.supported(using):
+        run = hotpath.claim(
+            run_id, using=using, now=now, lease_until=now + dt.timedelta(seconds=lease), ignore_due=ignore_due
+        )
+    if run is not None:
+        attempt = run.attempts
+        spec = get_function(run.function)
+    else:
+        # Not claimed at once: find out why, or claim it the long way.
+        run = Run.objects.using(using).select_related("event").filter(pk=run_id).first()
+        if run is None:
+            logger.warning("Dropped a message for run %s: no such run.", run_id)
+            return Execution.SKIPPED
+        if run.status in WAITING_STATUSES and run.due_at and run.due_at > now and not ignore_due:
+            # Early: a duplicate message, or a delayed one cut short by the broker's maximum delay.
+            if enqueue:
+                _enqueue(run, delay=(run.due_at - now).total_seconds())
+            return Execution.SKIPPED
+        spec = get_function(run.function)
+        attempt = run.attempts + 1
+        if _claim(run, using=using, now=now, ignore_due=ignore_due, lease=lease_seconds(spec)) is None:
+            logger.debug("Skipped run %s (%s): not claimable.", run.pk, run.status)
+            return Execution.SKIPPED
 
     log = _RunLogger(
         logging.getLogger("django_events.functions"),
@@ -154,7 +173,7 @@ def execute_run(run_id: Any, *, ignore_due: bool = False, enqueue: bool = True) 
         attempt,
         run.max_attempts,
     )
-    started = claimed
+    started = now
     failure: Failure | None = None
     stored_result: Any = None
     if spec is None:
@@ -283,24 +302,34 @@ def record(
             to, execution = RunStatus.RETRYING, Execution.RETRYING
             changes["due_at"] = finished + dt.timedelta(seconds=failure.retry_in)
 
-    with transaction.atomic(using=using):
-        moved = (
-            Run.objects.using(using)
-            .filter(pk=run.pk, attempts=attempt, status=RunStatus.RUNNING)
-            .move(to, **changes)
-        )
+    if failure is None and hotpath.supported(using):
+        # The common case, in one statement: nothing else goes in its transaction.
+        moved = int(hotpath.record_success(run, attempt_row, result, using))
         if moved:
-            attempt_row.save(using=using, force_insert=True)
             for field, value in changes.items():
                 setattr(run, field, value)
             run.status, run.attempts = to, attempt
-            if to == RunStatus.RETRYING and enqueue:
-                delay = (changes["due_at"] - finished).total_seconds()
-                enqueue_with_transaction([(run.pk, run.function)], using, delay=delay)
-            if to == RunStatus.DEAD and run.event_name != RUN_DEAD_EVENT:
-                _send_dead_event(run, attempt)
         else:
             _keep_stale_attempt(attempt_row, using)
+    else:
+        with transaction.atomic(using=using):
+            moved = (
+                Run.objects.using(using)
+                .filter(pk=run.pk, attempts=attempt, status=RunStatus.RUNNING)
+                .move(to, **changes)
+            )
+            if moved:
+                attempt_row.save(using=using, force_insert=True)
+                for field, value in changes.items():
+                    setattr(run, field, value)
+                run.status, run.attempts = to, attempt
+                if to == RunStatus.RETRYING and enqueue:
+                    delay = (changes["due_at"] - finished).total_seconds()
+                    enqueue_with_transaction([(run.pk, run.function)], using, delay=delay)
+                if to == RunStatus.DEAD and run.event_name != RUN_DEAD_EVENT:
+                    _send_dead_event(run, attempt)
+            else:
+                _keep_stale_attempt(attempt_row, using)
 
     if not moved:
         logger.warning(

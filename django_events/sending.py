@@ -127,11 +127,15 @@ def _validate(name: object, data: object, key: object) -> _Outgoing:
 
 
 def _store(outgoing: list[_Outgoing]) -> list[Event]:
+    from . import hotpath
     from .models import Event, Run
 
     using = router.db_for_write(Event)
     now = timezone.now()
-    with transaction.atomic(using=using):
+    # No savepoint inside the caller's transaction: what is written here commits or rolls back
+    # with it anyway, and the input was validated before. A database error here leaves the
+    # caller's transaction to roll back, as any failed query does on PostgreSQL.
+    with transaction.atomic(using=using, savepoint=False):
         by_key = _insert_events(outgoing, using, now)
         result: list[Event] = []
         runs: list[Run] = []
@@ -143,10 +147,14 @@ def _store(outgoing: list[_Outgoing]) -> list[Event]:
                 runs.extend(new_runs(event, now))
             result.append(event)
         unkeyed = [event for item, event in zip(outgoing, result, strict=True) if item.key is None]
-        if unkeyed:
-            Event.objects.using(using).bulk_create(unkeyed)
+        if hotpath.supported(using):
+            hotpath.insert(unkeyed, runs, using)  # one statement on PostgreSQL
+        else:
+            if unkeyed:
+                Event.objects.using(using).bulk_create(unkeyed)
+            if runs:
+                Run.objects.using(using).bulk_create(runs)
         if runs:
-            Run.objects.using(using).bulk_create(runs)
             enqueue_with_transaction([(run.pk, run.function) for run in runs], using)
     return result
 

@@ -15,7 +15,7 @@ import dramatiq
 from dramatiq.errors import ActorNotFound
 
 from .conf import get_settings
-from .execution import execute_run
+from .execution import execute_run, lease_for_time_limit
 from .registry import get_function
 
 logger = logging.getLogger("django_events")
@@ -34,7 +34,13 @@ def _execute(*args: Any, **kwargs: Any) -> None:
         # Not one of ours: retrying it would not help. Drop it.
         logger.warning("Dropped a malformed run message: args=%r kwargs=%r.", args, kwargs)
         return
-    execute_run(args[0])
+    from .middleware import current_message
+
+    # The message's time limit is the one Dramatiq enforces: the lease follows from it, so the
+    # run can be claimed and read in one statement.
+    message = current_message()
+    lease = None if message is None else lease_for_time_limit(message.options.get("time_limit"))
+    execute_run(args[0], lease=lease)
 
 
 _declare_lock = threading.Lock()

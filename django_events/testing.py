@@ -22,8 +22,9 @@ from typing import Any
 
 from django.utils import timezone
 
-from .execution import Execution, execute_run
+from .execution import Execution, execute_run, lease_seconds
 from .models import Run, RunStatus
+from .registry import get_function
 
 __all__ = ["RunsDidNotSettle", "run_all", "run_due"]
 
@@ -38,8 +39,8 @@ def run_due() -> list[Run]:
     Returns the runs executed, reloaded from the database, oldest first.
     Retries scheduled by these attempts are left for a later call.
     """
-    ids = list(Run.objects.due(timezone.now()).order_by("created_at", "id").values_list("pk", flat=True))
-    executed = [pk for pk in ids if execute_run(pk, enqueue=False) is not Execution.SKIPPED]
+    due = Run.objects.due(timezone.now()).order_by("created_at", "id").values_list("pk", "function")
+    executed = [pk for pk, function in due if _execute(pk, function) is not Execution.SKIPPED]
     return _reload(executed)
 
 
@@ -60,16 +61,22 @@ def run_all(*, max_rounds: int = 100) -> list[Run]:
     """
     executed: dict[Any, None] = {}
     for _ in range(max_rounds):
-        ids = list(Run.objects.waiting().order_by("created_at", "id").values_list("pk", flat=True))
-        if not ids:
+        waiting = list(Run.objects.waiting().order_by("created_at", "id").values_list("pk", "function"))
+        if not waiting:
             return _reload(list(executed))
-        for pk in ids:
-            if execute_run(pk, ignore_due=True, enqueue=False) is not Execution.SKIPPED:
+        for pk, function in waiting:
+            if _execute(pk, function, ignore_due=True) is not Execution.SKIPPED:
                 executed.setdefault(pk)
     still = Run.objects.waiting().count()
     raise RunsDidNotSettle(
         f"{still} run(s) were still {RunStatus.PENDING} or retrying after {max_rounds} rounds."
     )
+
+
+def _execute(run_id: Any, function_id: str, *, ignore_due: bool = False) -> Execution:
+    """Execute a run as a worker would (the lease from its function), without sending retries."""
+    lease = lease_seconds(get_function(function_id))
+    return execute_run(run_id, ignore_due=ignore_due, enqueue=False, lease=lease)
 
 
 def _reload(ids: Sequence[Any]) -> list[Run]:

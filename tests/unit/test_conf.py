@@ -47,6 +47,8 @@ def test_unknown_key_is_an_error_naming_the_valid_ones(settings):
         {"MAX_EVENT_BYTES": 0},
         {"LEASE_MARGIN": 0},
         {"DEFAULT_TIME_LIMIT": -5},
+        {"WORKER_CONN_MAX_AGE": -1},
+        {"WORKER_CONN_MAX_AGE": "300"},
     ],
 )
 def test_invalid_values_are_errors(settings, bad):

@@ -1,0 +1,182 @@
+"""The hot path's hand-written statements do what the ORM path does, with the same conditions."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+
+import pytest
+from django.db import connection
+from django.forms.models import model_to_dict
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+import django_events
+from django_events import hotpath
+from django_events.models import Attempt, AttemptOutcome, Event, Run, RunStatus
+
+pytestmark = pytest.mark.skipif(
+    not hotpath.supported("default"), reason="the hot path needs PostgreSQL or SQLite 3.35+"
+)
+
+LEASE = dt.timedelta(seconds=90)
+
+
+def _row(run: Run) -> dict[str, object]:
+    """Every column of the run, as the ORM reads it."""
+    return model_to_dict(Run.objects.get(pk=run.pk), fields=[f.name for f in Run._meta.concrete_fields])
+
+
+def _claim(run_id: object, *, now: dt.datetime | None = None, ignore_due: bool = False) -> Run | None:
+    now = now or timezone.now()
+    return hotpath.claim(run_id, using="default", now=now, lease_until=now + LEASE, ignore_due=ignore_due)
+
+
+def test_claim_takes_a_due_run_and_reads_it_with_its_event(db):
+    # Given a pending run of an event with data
+    event = django_events.send("test/ok", {"x": [1, "two"], "y": None})
+    pending = Run.objects.get(event=event)
+    now = timezone.now()
+
+    # When it is claimed
+    with CaptureQueriesContext(connection) as queries:
+        run = _claim(pending.pk, now=now)
+
+    # Then it is running, attempt 1, leased, and what came back is what is stored
+    assert run is not None
+    assert (run.status, run.attempts) == (RunStatus.RUNNING, 1)
+    assert run.lease_expires_at == now + LEASE
+    assert run.attempt_started_at == run.started_at == now
+    assert model_to_dict(run, fields=[f.name for f in Run._meta.concrete_fields]) == _row(run)
+    assert run.event.pk == event.pk
+    assert (run.event.name, run.event.data) == ("test/ok", {"x": [1, "two"], "y": None})
+    assert run.event.created_at == Event.objects.get(pk=event.pk).created_at
+    # One statement on PostgreSQL; SQLite reads the event separately
+    assert len(queries) == (1 if connection.vendor == "postgresql" else 2)
+
+
+def test_claim_refuses_runs_that_are_not_waiting_or_not_due(db):
+    event = django_events.send("test/fanout")
+    early, running, done = Run.objects.filter(event=event).order_by("function")
+    Run.objects.filter(pk=early.pk).update(due_at=timezone.now() + dt.timedelta(minutes=5))
+    Run.objects.filter(pk=running.pk).update(status=RunStatus.RUNNING, attempts=1)
+    Run.objects.filter(pk=done.pk).update(status=RunStatus.SUCCEEDED, attempts=1)
+    before = {run.pk: _row(run) for run in (early, running, done)}
+
+    for run in (early, running, done):
+        assert _claim(run.pk) is None
+    assert _claim(uuid.uuid4()) is None
+    # Nothing was changed by the refusals
+    assert {run.pk: _row(run) for run in (early, running, done)} == before
+
+    # A run not yet due is taken when told to ignore due times (the testing helpers)
+    taken = _claim(early.pk, ignore_due=True)
+    assert taken is not None
+    assert taken.status == RunStatus.RUNNING
+
+
+def test_of_two_claims_of_one_run_only_the_first_wins(db):
+    run = Run.objects.get(event=django_events.send("test/ok"))
+    assert _claim(run.pk) is not None
+    assert _claim(run.pk) is None
+    assert Run.objects.get(pk=run.pk).attempts == 1
+
+
+def test_claim_of_a_retry_keeps_the_first_start_and_counts_on(db):
+    run = Run.objects.get(event=django_events.send("test/flaky"))
+    first = _claim(run.pk)
+    assert first is not None
+    Run.objects.filter(pk=run.pk).update(status=RunStatus.RETRYING, due_at=timezone.now())
+
+    later = timezone.now() + dt.timedelta(seconds=1)
+    second = _claim(run.pk, now=later)
+
+    assert second is not None
+    assert second.attempts == 2
+    assert second.started_at == first.started_at
+    assert second.attempt_started_at == later
+
+
+def _attempt(run: Run, number: int) -> Attempt:
+    now = timezone.now()
+    return Attempt(
+        run_id=run.pk,
+        number=number,
+        started_at=now,
+        finished_at=now,
+        outcome=AttemptOutcome.SUCCEEDED,
+        worker_host="here",
+        worker_pid=42,
+    )
+
+
+@pytest.mark.parametrize("result", [{"rows": 3, "names": ["a", "é"]}, None, [1, 2], "text"])
+def test_record_success_moves_the_run_and_inserts_its_attempt(db, result):
+    run = _claim(Run.objects.get(event=django_events.send("test/ok")).pk)
+    assert run is not None
+    attempt = _attempt(run, 1)
+
+    assert hotpath.record_success(run, attempt, result, "default") is True
+
+    stored = Run.objects.get(pk=run.pk)
+    assert (stored.status, stored.result, stored.attempts) == (RunStatus.SUCCEEDED, result, 1)
+    assert stored.finished_at == attempt.finished_at
+    assert stored.due_at is None
+    assert stored.lease_expires_at is None
+    [row] = Attempt.objects.filter(run=run)
+    assert row.pk == attempt.pk
+    assert (row.number, row.outcome, row.worker_host, row.worker_pid) == (1, "succeeded", "here", 42)
+    if result is None:  # SQL NULL, as the ORM stores None, not JSON null
+        assert Run.objects.filter(pk=run.pk, result__isnull=True).exists()
+
+
+def test_record_success_is_fenced_on_the_attempt_and_the_status(db):
+    run = _claim(Run.objects.get(event=django_events.send("test/ok")).pk)
+    assert run is not None
+
+    # Another attempt number (a stale worker) changes nothing
+    assert hotpath.record_success(run, _attempt(run, 2), {"late": True}, "default") is False
+    # Nor does a run that is no longer running
+    Run.objects.filter(pk=run.pk).update(status=RunStatus.CANCELLED)
+    assert hotpath.record_success(run, _attempt(run, 1), {"late": True}, "default") is False
+
+    assert Run.objects.get(pk=run.pk).status == RunStatus.CANCELLED
+    assert Run.objects.get(pk=run.pk).result is None
+    assert not Attempt.objects.exists()
+
+
+def test_send_many_stores_what_the_orm_would(db):
+    # More events and runs than one statement takes (2,000 rows), with and without functions
+    items = [{"name": "test/fanout", "data": {"i": i}} for i in range(700)]
+    items += [{"name": "test/nobody-listens", "data": {"i": i}} for i in range(5)]
+    events = django_events.send_many(items)
+
+    assert Event.objects.count() == 705
+    assert Run.objects.count() == 2100
+    stored = Event.objects.in_bulk([event.pk for event in events])
+    for event in events:
+        assert (stored[event.pk].name, stored[event.pk].data, stored[event.pk].created_at) == (
+            event.name,
+            event.data,
+            event.created_at,
+        )
+    run = Run.objects.filter(event=events[0]).order_by("function").first()
+    assert run is not None
+    assert (run.status, run.event_name, run.attempts) == (RunStatus.PENDING, "test/fanout", 0)
+    assert run.max_attempts == 5
+    assert run.due_at == run.created_at == events[0].created_at
+    assert run.result is None
+    assert run.last_error == ""
+    # The instances returned are saved ones
+    assert not events[0]._state.adding
+
+
+def test_send_inside_a_transaction_uses_no_savepoint(transactional_db):
+    from django.db import transaction
+
+    with transaction.atomic(), CaptureQueriesContext(connection) as queries:
+        django_events.send("test/fanout", {"n": 1})
+    statements = [q["sql"].upper() for q in queries.captured_queries]
+    assert not [sql for sql in statements if "SAVEPOINT" in sql], statements
+    inserts = [sql for sql in statements if sql.startswith(("INSERT", "WITH"))]
+    assert len(inserts) == (1 if connection.vendor == "postgresql" else 2), inserts
