@@ -123,6 +123,9 @@ DEFAULT_SQLITE_BUSY_TIMEOUT = 30_000
 #: Vendors whose SQL the broker speaks (``UPDATE … RETURNING``).
 SUPPORTED_VENDORS = frozenset({"postgresql", "sqlite"})
 
+#: Messages per INSERT statement of ``enqueue_many`` (9 parameters each: SQLite allows 32,766).
+_INSERT_BATCH = 1000
+
 #: A consumer that could not take a message that is due (another consumer is taking it)
 #: looks again after this many seconds, not at once.
 _RETRY_GAP = 0.05
@@ -218,7 +221,7 @@ class DatabaseBroker(Broker):
         self._wal_checked = False
         self._vendor: str | None = None
         self._uses_notify: bool | None = None
-        self._insert_sql: tuple[str, list[Any]] | None = None
+        self._insert_sql: dict[tuple[str, int], tuple[str, list[Any]]] = {}
 
     # -- Properties ----------------------------------------------------------------------------
 
@@ -315,47 +318,65 @@ class DatabaseBroker(Broker):
         Raises:
           ConnectionClosed: the database could not be reached.
         """
+        return self.enqueue_many([message], delay=delay)[0]
+
+    def enqueue_many(
+        self, messages: Sequence[Message[Any]], *, delay: int | None = None
+    ) -> list[Message[Any]]:
+        """Insert several messages as :meth:`enqueue` does, in one statement per 1,000 messages.
+
+        Middleware hooks run for each message, as if each were enqueued alone.
+        """
         from .models import QueuedMessage
 
-        queue_name = q_name(message.queue_name)
-        self.declare_queue(queue_name)
-        if message.queue_name != queue_name:
-            message = message.copy(queue_name=queue_name)
-        if delay is not None:
-            message = message.copy(options={"eta": current_millis() + delay})
-        eta = message.options.get("eta")
-        now = timezone.now()
-        available_at = now
-        if isinstance(eta, int | float) and not isinstance(eta, bool):
-            available_at = now + dt.timedelta(milliseconds=max(0, eta - current_millis()))
-
-        self.logger.debug("Enqueueing message %r on queue %r.", message.message_id, queue_name)
-        self.emit_before("enqueue", message, delay)
-        row = QueuedMessage(
-            queue_name=queue_name,
-            actor_name=message.actor_name[:255],
-            message_id=message.message_id[:255],
-            body=message.encode(),
-            available_at=available_at,
-            created_at=now,
-        )
+        rows: list[QueuedMessage] = []
+        stored: list[Message[Any]] = []
+        for message in messages:
+            queue_name = q_name(message.queue_name)
+            self.declare_queue(queue_name)
+            if message.queue_name != queue_name:
+                message = message.copy(queue_name=queue_name)
+            if delay is not None:
+                message = message.copy(options={"eta": current_millis() + delay})
+            eta = message.options.get("eta")
+            now = timezone.now()
+            available_at = now
+            if isinstance(eta, int | float) and not isinstance(eta, bool):
+                available_at = now + dt.timedelta(milliseconds=max(0, eta - current_millis()))
+            self.logger.debug("Enqueueing message %r on queue %r.", message.message_id, queue_name)
+            self.emit_before("enqueue", message, delay)
+            rows.append(
+                QueuedMessage(
+                    queue_name=queue_name,
+                    actor_name=message.actor_name[:255],
+                    message_id=message.message_id[:255],
+                    body=message.encode(),
+                    available_at=available_at,
+                    created_at=now,
+                )
+            )
+            stored.append(message)
         try:
-            # No transaction of our own: inside the caller's, the message is part of it; outside
-            # one, the statement commits by itself. One statement either way: on PostgreSQL its
-            # WITH clause inserts the row and its SELECT notifies the consumers (on commit).
+            # No transaction of our own: inside the caller's, the messages are part of it; outside
+            # one, each statement commits by itself. On PostgreSQL the statement's WITH clause
+            # inserts the rows and its SELECT notifies the consumers of their queues (on commit).
             db = connections[self.database]
-            sql, fields = self._insert_statement(db)
-            params = [field.get_db_prep_save(getattr(row, field.attname), db) for field in fields]
-            with db.cursor() as cursor:
-                if self.uses_notify:
-                    cursor.execute(sql, [*params, self.channel, queue_name])
-                else:
-                    cursor.execute(sql, params)
-                    self._announce(db, queue_name)
+            for start in range(0, len(rows), _INSERT_BATCH):
+                chunk = rows[start : start + _INSERT_BATCH]
+                sql, fields = self._insert_statement(db, len(chunk))
+                params = [f.get_db_prep_save(getattr(row, f.attname), db) for row in chunk for f in fields]
+                with db.cursor() as cursor:
+                    if self.uses_notify:
+                        cursor.execute(sql, [*params, self.channel])
+                    else:
+                        cursor.execute(sql, params)
+                        for queue_name in sorted({row.queue_name for row in chunk}):
+                            self._announce(db, queue_name)
         except (OperationalError, InterfaceError) as exc:
             raise _error(ConnectionClosed, exc) from exc
-        self.emit_after("enqueue", message, delay)
-        return message
+        for message in stored:
+            self.emit_after("enqueue", message, delay)
+        return stored
 
     def flush(self, queue_name: str) -> None:
         """Delete every message of ``queue_name``, dead ones included."""
@@ -400,20 +421,25 @@ class DatabaseBroker(Broker):
 
     # -- For consumers -------------------------------------------------------------------------
 
-    def _insert_statement(self, db: BaseDatabaseWrapper) -> tuple[str, list[Any]]:
-        """The INSERT of one message (with its notification, if consumers listen) and its fields."""
-        if self._insert_sql is None:
+    def _insert_statement(self, db: BaseDatabaseWrapper, rows: int) -> tuple[str, list[Any]]:
+        """The INSERT of ``rows`` messages (with the notification of their queues, if consumers listen)."""
+        key = (db.alias, rows)
+        if key not in self._insert_sql:
             from .models import QueuedMessage
 
             quote = db.ops.quote_name
             fields = [field for field in QueuedMessage._meta.concrete_fields if not field.primary_key]
             columns = ", ".join(quote(str(field.column)) for field in fields)
-            placeholders = ", ".join(["%s"] * len(fields))
-            sql = f"INSERT INTO {quote(QueuedMessage._meta.db_table)} ({columns}) VALUES ({placeholders})"
+            values = ", ".join(["(" + ", ".join(["%s"] * len(fields)) + ")"] * rows)
+            sql = f"INSERT INTO {quote(QueuedMessage._meta.db_table)} ({columns}) VALUES {values}"
             if self.uses_notify:
-                sql = f"WITH inserted AS ({sql} RETURNING 1) SELECT pg_notify(%s, %s) FROM inserted"
-            self._insert_sql = (sql, fields)
-        return self._insert_sql
+                queue = quote(str(QueuedMessage._meta.get_field("queue_name").column))
+                sql = (
+                    f"WITH inserted AS ({sql} RETURNING {queue} AS queue) "
+                    f"SELECT pg_notify(%s, queue) FROM (SELECT DISTINCT queue FROM inserted) AS queues"
+                )
+            self._insert_sql[key] = (sql, fields)
+        return self._insert_sql[key]
 
     def _announce(self, db: BaseDatabaseWrapper, queue_name: str) -> None:
         """Tell consumers of ``queue_name`` that messages await, once ``db``'s transaction commits."""

@@ -198,10 +198,9 @@ def enqueue_with_transaction(refs: list[tuple[Any, str]], using: str, *, delay: 
     from .broker import is_transactional
 
     if is_transactional(dramatiq.get_broker(), using):
-        from .tasks import enqueue_run
+        from .tasks import enqueue_runs
 
-        for run_id, function_id in refs:
-            enqueue_run(run_id, function_id, delay=delay)
+        enqueue_runs(refs, delay=delay)  # one statement with DatabaseBroker
     else:
         transaction.on_commit(lambda: _enqueue_after_commit(refs, delay), using=using)
 
@@ -225,6 +224,8 @@ def _insert_events(outgoing: list[_Outgoing], using: str, now: Any) -> dict[str,
         if item.key is not None:
             keyed.setdefault(item.key, item)  # the first of a repeated key wins
     found: dict[str, tuple[Event, bool]] = {}
+    if not keyed:
+        return found  # not even a query to compile
     for tries_left in range(4, -1, -1):
         for event in Event.objects.using(using).filter(idempotency_key__in=list(keyed)):
             assert event.idempotency_key is not None

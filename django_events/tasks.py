@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 import dramatiq
@@ -20,7 +21,7 @@ from .registry import get_function
 
 logger = logging.getLogger("django_events")
 
-__all__ = ["ACTOR_NAME", "MAX_DELAY_SECONDS", "enqueue_run", "get_actor"]
+__all__ = ["ACTOR_NAME", "MAX_DELAY_SECONDS", "enqueue_run", "enqueue_runs", "get_actor"]
 
 #: The name of the actor every run message is sent to.
 ACTOR_NAME = "django_events.execute_run"
@@ -72,15 +73,33 @@ def get_actor(broker: dramatiq.Broker | None = None) -> dramatiq.Actor[[str], No
 
 def enqueue_run(run_id: Any, function_id: str, *, delay: float | None = None) -> None:
     """Send the message that executes run ``run_id``, after ``delay`` seconds if given."""
-    spec = get_function(function_id)
-    time_limit = spec.time_limit_ms() if spec is not None else get_settings().default_time_limit_ms
-    options: dict[str, Any] = {}
-    if time_limit is not None:
-        options["time_limit"] = time_limit
+    enqueue_runs([(run_id, function_id)], delay=delay)
+
+
+def enqueue_runs(refs: Sequence[tuple[Any, str]], *, delay: float | None = None) -> None:
+    """Send the messages of runs ``(run id, function id)``, after ``delay`` seconds if given.
+
+    With a broker that has ``enqueue_many`` (``DatabaseBroker``) they go in one
+    statement; otherwise one by one, in order (a failure stops the rest).
+    """
+    actor = get_actor()
     delay_ms = None
     if delay is not None and delay > 0:
         delay_ms = int(min(delay, MAX_DELAY_SECONDS) * 1000)
-    get_actor().send_with_options(args=(str(run_id),), delay=delay_ms, **options)
+    messages = [actor.message_with_options(args=(str(pk),), **_options(function)) for pk, function in refs]
+    enqueue_many = getattr(actor.broker, "enqueue_many", None)
+    if enqueue_many is not None:
+        enqueue_many(messages, delay=delay_ms)
+        return
+    for message in messages:
+        actor.broker.enqueue(message, delay=delay_ms)
+
+
+def _options(function_id: str) -> dict[str, Any]:
+    """The message options of a run of ``function_id``: its time limit, which Dramatiq enforces."""
+    spec = get_function(function_id)
+    time_limit = spec.time_limit_ms() if spec is not None else get_settings().default_time_limit_ms
+    return {} if time_limit is None else {"time_limit": time_limit}
 
 
 # Declare the actor on the configured broker as soon as a worker imports this module.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import statistics
 import threading
 import time
@@ -10,6 +11,7 @@ from typing import Any
 import dramatiq
 import pytest
 from django.db import connection, transaction
+from django.test.utils import CaptureQueriesContext
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.errors import ConnectionClosed, QueueJoinTimeout, QueueNotFound
 from dramatiq.middleware import Middleware
@@ -384,3 +386,35 @@ def test_consumer_reports_a_lost_connection_and_then_reconnects(kit: Kit) -> Non
     # ...and then connects again and delivers the message
     [message] = take(consumer, 1)
     assert message.args == (5,)
+
+
+def test_enqueue_many_writes_every_message_in_one_statement_with_hooks_for_each(kit: Kit) -> None:
+    # Given a broker with a middleware that counts enqueues
+    class Count(Middleware):
+        def __init__(self) -> None:
+            self.before: list[str] = []
+            self.after: list[str] = []
+
+        def before_enqueue(self, broker: dramatiq.Broker, message: Any, delay: Any) -> None:
+            self.before.append(message.message_id)
+
+        def after_enqueue(self, broker: dramatiq.Broker, message: Any, delay: Any) -> None:
+            self.after.append(message.message_id)
+
+    broker = kit.broker()
+    counter = Count()
+    broker.add_middleware(counter)
+    assert isinstance(broker, DatabaseBroker)
+    messages = [kit.message(n) for n in range(5)]
+
+    # When five messages are enqueued at once, delayed
+    with CaptureQueriesContext(connection) as queries:
+        stored = broker.enqueue_many(messages, delay=60_000)
+
+    # Then one statement wrote them all, each hook saw each message, and each waits for its delay
+    assert len(queries) == 1
+    assert counter.before == counter.after == [m.message_id for m in messages]
+    rows = list(QueuedMessage.objects.in_queue(kit.queue).order_by("id"))
+    assert [row.message_id for row in rows] == [m.message_id for m in stored]
+    assert all(row.available_at > row.created_at + dt.timedelta(seconds=59) for row in rows)
+    assert [dramatiq.Message.decode(bytes(row.body)).args for row in rows] == [m.args for m in messages]
