@@ -250,14 +250,22 @@ def _insert_events(outgoing: list[_Outgoing], using: str, now: Any) -> dict[str,
 
 
 def _enqueue_after_commit(refs: list[tuple[Any, str]], delay: float | None) -> None:
-    from .tasks import enqueue_run
+    from .tasks import GROUP_SIZE, enqueue_group, enqueue_run
 
-    for index, (run_id, function_id) in enumerate(refs):
+    # Runs due now go GROUP_SIZE to a message (the worker sends each its own): a fan-out or a
+    # send_many costs the request one message per hundred runs. Delayed ones go one by one.
+    size = GROUP_SIZE if delay is None else 1
+    for index in range(0, len(refs), size):
+        chunk = refs[index : index + size]
         try:
-            enqueue_run(run_id, function_id, delay=delay)
+            if len(chunk) > 1:
+                enqueue_group(chunk)
+            else:
+                enqueue_run(*chunk[0], delay=delay)
         except Exception:
             # The runs are committed and stay waiting in the database; recovery sends them later.
-            # Stop at the first failure: a hung broker would cost its timeout for every run.
+            # Stop at the first failure: a hung broker would cost its timeout for every message.
+            run_id, function_id = chunk[0]
             logger.exception(
                 "Could not enqueue run %s of %s (and %d more run(s) of this commit); they stay %s "
                 "in the database until recovery sends them.",

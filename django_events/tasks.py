@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,27 +22,58 @@ from .registry import get_function
 
 logger = logging.getLogger("django_events")
 
-__all__ = ["ACTOR_NAME", "MAX_DELAY_SECONDS", "enqueue_run", "enqueue_runs", "get_actor"]
+__all__ = [
+    "ACTOR_NAME",
+    "GROUP_SIZE",
+    "MAX_DELAY_SECONDS",
+    "enqueue_group",
+    "enqueue_run",
+    "enqueue_runs",
+    "get_actor",
+]
 
 #: The name of the actor every run message is sent to.
 ACTOR_NAME = "django_events.execute_run"
+#: Most runs one message of :func:`enqueue_group` carries.
+GROUP_SIZE = 100
 #: Longest delay given to the broker (Redis refuses 7 days or more). A run due
 #: later gets a message that arrives early and is sent again for the remainder.
 MAX_DELAY_SECONDS = 6 * 24 * 3600
 
 
 def _execute(*args: Any, **kwargs: Any) -> None:
-    if len(args) != 1 or kwargs:
+    if not args or kwargs:
         # Not one of ours: retrying it would not help. Drop it.
         logger.warning("Dropped a malformed run message: args=%r kwargs=%r.", args, kwargs)
         return
     from .middleware import current_message
 
+    if len(args) > 1:
+        # One commit's runs in one message: give each of the others a message of its own, so that
+        # they run in parallel, then run the first here. If sending fails, nothing has run yet and
+        # Dramatiq retries the whole message.
+        _send_separately(args[1:])
     # The message's time limit is the one Dramatiq enforces: the lease follows from it, so the
     # run can be claimed and read in one statement.
     message = current_message()
     lease = None if message is None else lease_for_time_limit(message.options.get("time_limit"))
     execute_run(args[0], lease=lease)
+
+
+def _send_separately(run_ids: Sequence[Any]) -> None:
+    from .models import Run
+
+    ids = []
+    for run_id in run_ids:
+        try:
+            ids.append(uuid.UUID(str(run_id)))
+        except ValueError:
+            logger.warning("Dropped a message for run %r: not a run id.", run_id)
+    functions = dict(Run.objects.filter(pk__in=ids).values_list("pk", "function"))
+    for run_id in ids:
+        if run_id not in functions:
+            logger.warning("Dropped a message for run %s: no such run.", run_id)
+    enqueue_runs([(run_id, functions[run_id]) for run_id in ids if run_id in functions])
 
 
 _declare_lock = threading.Lock()
@@ -93,6 +125,20 @@ def enqueue_runs(refs: Sequence[tuple[Any, str]], *, delay: float | None = None)
         return
     for message in messages:
         actor.broker.enqueue(message, delay=delay_ms)
+
+
+def enqueue_group(refs: Sequence[tuple[Any, str]]) -> None:
+    """Send one message for several runs ``(run id, function id)`` due now (at most ``GROUP_SIZE``).
+
+    The worker that receives it sends each run after the first a message of its
+    own and executes the first: the sender pays for one message, whatever the
+    fan-out. The message carries only the runs' ids, and the first run's options.
+    """
+    if not refs or len(refs) > GROUP_SIZE:
+        raise ValueError(f"enqueue_group() takes 1 to {GROUP_SIZE} runs, not {len(refs)}.")
+    actor = get_actor()
+    first_function = refs[0][1]
+    actor.send_with_options(args=tuple(str(pk) for pk, _function in refs), **_options(first_function))
 
 
 def _options(function_id: str) -> dict[str, Any]:

@@ -144,3 +144,37 @@ def test_bad_messages_are_dropped_and_worker_keeps_going(worker, broker, queue_n
     broker.join(queue_name, timeout=10_000)
     worker.join()
     assert Run.objects.get().status == RunStatus.SUCCEEDED
+
+
+def test_fan_out_costs_the_sender_one_message_and_runs_every_function(worker, broker):
+    spy = _EnqueueSpy()
+    broker.add_middleware(spy)
+
+    # When an event with three functions is sent
+    with transaction.atomic():
+        event = django_events.send("test/fanout")
+    run_ids = {str(pk) for pk in Run.objects.filter(event=event).values_list("pk", flat=True)}
+    wait_for(_settled(3))
+
+    # Then the sender's commit sent one message carrying the three run ids; the worker sent the two
+    # runs it did not execute itself a message each; each function ran once
+    first, *resent = spy.messages
+    assert set(first.args) == run_ids
+    assert len(first.args) == 3
+    assert len(resent) == 2
+    assert {message.args for message in resent} == {(run_id,) for run_id in set(first.args[1:])}
+    assert sorted(Call.objects.values_list("function", flat=True)) == ["fanout_a", "fanout_b", "fanout_c"]
+    assert set(Run.objects.values_list("status", flat=True)) == {RunStatus.SUCCEEDED}
+
+
+def test_send_many_sends_a_message_per_hundred_runs(worker, broker):
+    spy = _EnqueueSpy()
+    broker.add_middleware(spy)
+
+    django_events.send_many([{"name": "test/ok", "data": {"i": i}} for i in range(150)])
+    wait_for(_settled(150))
+
+    grouped = [message for message in spy.messages if len(message.args) > 1]
+    assert sorted(len(message.args) for message in grouped) == [50, 100]
+    assert Run.objects.filter(status=RunStatus.SUCCEEDED).count() == 150
+    assert Attempt.objects.count() == 150  # each run executed once

@@ -116,7 +116,16 @@ def test_record_success_moves_the_run_and_inserts_its_attempt(db, result):
     assert run is not None
     attempt = _attempt(run, 1)
 
-    assert hotpath.record_success(run, attempt, result, "default") is True
+    with CaptureQueriesContext(connection) as queries:
+        assert hotpath.record_success(run, attempt, result, "default") is True
+
+    # One statement on PostgreSQL; on SQLite an UPDATE and an INSERT in a transaction
+    statements = [
+        q["sql"]
+        for q in queries.captured_queries
+        if q["sql"].split()[0].upper() in ("WITH", "UPDATE", "INSERT")
+    ]
+    assert len(statements) == (1 if connection.vendor == "postgresql" else 2)
 
     stored = Run.objects.get(pk=run.pk)
     assert (stored.status, stored.result, stored.attempts) == (RunStatus.SUCCEEDED, result, 1)
