@@ -110,7 +110,7 @@ def replay_event(event: Event) -> list[Run]:
     if runs:
         with transaction.atomic(using=using):
             Run.objects.using(using).bulk_create(runs)
-            enqueue_with_transaction([(run.pk, run.function) for run in runs], using)
+            enqueue_with_transaction([(run.pk, run.function) for run in runs], using, group=True)
     return runs
 
 

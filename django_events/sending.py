@@ -155,7 +155,10 @@ def _store(outgoing: list[_Outgoing]) -> list[Event]:
             if runs:
                 Run.objects.using(using).bulk_create(runs)
         if runs:
-            enqueue_with_transaction([(run.pk, run.function) for run in runs], using)
+            # One event's runs (a fan-out) go in one message; send_many keeps one message per run,
+            # so that a bulk send does not hand its workers the enqueueing it saved.
+            refs = [(run.pk, run.function) for run in runs]
+            enqueue_with_transaction(refs, using, group=len(outgoing) == 1)
     return result
 
 
@@ -176,7 +179,9 @@ def new_runs(event: Event, now: dt.datetime) -> list[Run]:
     ]
 
 
-def enqueue_with_transaction(refs: list[tuple[Any, str]], using: str, *, delay: float | None = None) -> None:
+def enqueue_with_transaction(
+    refs: list[tuple[Any, str]], using: str, *, delay: float | None = None, group: bool = False
+) -> None:
     """Send the messages of runs ``(run id, function id)`` if, and only if, the transaction commits.
 
     With a broker that writes to database ``using`` itself (``DatabaseBroker``),
@@ -190,6 +195,8 @@ def enqueue_with_transaction(refs: list[tuple[Any, str]], using: str, *, delay: 
     recovery sends them later.
 
     ``delay``: seconds before the messages may be delivered (a retry's backoff).
+    ``group``: with a broker that is not transactional, send the runs (one event's
+    fan-out) up to ``tasks.GROUP_SIZE`` to a message, which the worker splits.
     """
     if not refs:
         return
@@ -202,7 +209,7 @@ def enqueue_with_transaction(refs: list[tuple[Any, str]], using: str, *, delay: 
 
         enqueue_runs(refs, delay=delay)  # one statement with DatabaseBroker
     else:
-        transaction.on_commit(lambda: _enqueue_after_commit(refs, delay), using=using)
+        transaction.on_commit(lambda: _enqueue_after_commit(refs, delay, group), using=using)
 
 
 def _new_event(item: _Outgoing, now: Any) -> Event:
@@ -249,12 +256,12 @@ def _insert_events(outgoing: list[_Outgoing], using: str, now: Any) -> dict[str,
     return found
 
 
-def _enqueue_after_commit(refs: list[tuple[Any, str]], delay: float | None) -> None:
+def _enqueue_after_commit(refs: list[tuple[Any, str]], delay: float | None, group: bool) -> None:
     from .tasks import GROUP_SIZE, enqueue_group, enqueue_run
 
-    # Runs due now go GROUP_SIZE to a message (the worker sends each its own): a fan-out or a
-    # send_many costs the request one message per hundred runs. Delayed ones go one by one.
-    size = GROUP_SIZE if delay is None else 1
+    # A fan-out's runs go GROUP_SIZE to a message (the worker sends each its own), so the request
+    # pays for one message whatever the number of functions. Delayed ones go one by one.
+    size = GROUP_SIZE if group and delay is None else 1
     for index in range(0, len(refs), size):
         chunk = refs[index : index + size]
         try:
