@@ -190,49 +190,61 @@ def processed(figures: Callable[[], dict[str, Any]], actor: str) -> int:
 
 
 def bench_send(mode: str, iterations: int, fanout: bool) -> dict[str, Any]:
+    """``mode`` ``both``: the two sides alternate, iteration by iteration, in one process, so that
+    a change in the machine's speed (the disk's, mostly) during the run weighs on both alike."""
     fresh_database()
     empty_queue()
     name = "bench/fanout" if fanout else "bench/noop"
 
-    def once(n: int) -> None:
+    def once(n: int, side: str) -> None:
         with transaction.atomic():
             Item.objects.create(name=f"item {n}")
-            if mode == "events":
+            if side == "events":
                 django_events.send(name, {"n": n})
             else:
                 transaction.on_commit(lambda: plain_noop.send(n))
 
+    sides = ["events", "plain"] if mode == "both" else [mode]
     for n in range(min(100, iterations)):  # warm up: connections, statement caches
-        once(n)
-    times = []
+        for side in sides:
+            once(n, side)
+    times: dict[str, list[float]] = {side: [] for side in sides}
     for n in range(iterations):
-        began = time.perf_counter()
-        once(n)
-        times.append(time.perf_counter() - began)
+        for side in sides if n % 2 else reversed(sides):
+            began = time.perf_counter()
+            once(n, side)
+            times[side].append(time.perf_counter() - began)
     empty_queue()
-    return summary_ms(times)
+    if mode == "both":
+        return {side: summary_ms(values) for side, values in times.items()}
+    return summary_ms(times[mode])
 
 
 def bench_send_many(mode: str, iterations: int, batch: int = 1000) -> dict[str, Any]:
     fresh_database()
     empty_queue()
 
-    def once(n: int) -> None:
-        if mode == "events":
-            django_events.send_many([{"name": "bench/noop", "data": {"n": i}} for i in range(batch)])
+    def once(side: str) -> None:
+        if side == "events":
+            django_events.send_many([{"name": "bench/noop", "data": {"i": i}} for i in range(batch)])
         else:
             with transaction.atomic():
                 Item.objects.bulk_create([Item(name=f"item {i}") for i in range(batch)])
                 transaction.on_commit(lambda: [plain_noop.send(i) for i in range(batch)])
 
-    once(0)  # warm up
-    times = []
+    sides = ["events", "plain"] if mode == "both" else [mode]
+    for side in sides:
+        once(side)  # warm up
+    times: dict[str, list[float]] = {side: [] for side in sides}
     for n in range(iterations):
-        began = time.perf_counter()
-        once(n)
-        times.append(time.perf_counter() - began)
-    empty_queue()
-    return {**summary_ms(times), "batch": batch}
+        for side in sides if n % 2 else reversed(sides):
+            began = time.perf_counter()
+            once(side)
+            times[side].append(time.perf_counter() - began)
+        empty_queue()
+    if mode == "both":
+        return {side: {**summary_ms(values), "batch": batch} for side, values in times.items()}
+    return {**summary_ms(times[mode]), "batch": batch}
 
 
 def bench_drain(mode: str, jobs: int, processes: int, threads: int, timeout: float) -> dict[str, Any]:
@@ -332,7 +344,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("workload", choices=["send", "send_many", "drain", "latency"])
-    parser.add_argument("mode", choices=["events", "plain"])
+    parser.add_argument("mode", choices=["events", "plain", "both"], help="both: send workloads only")
     parser.add_argument("--iterations", type=int, default=2000)
     parser.add_argument("--fanout", action="store_true")
     parser.add_argument("--jobs", type=int, default=20000)
@@ -345,12 +357,17 @@ def main() -> None:
         result = bench_send(args.mode, args.iterations, args.fanout)
     elif args.workload == "send_many":
         result = bench_send_many(args.mode, args.iterations)
+    elif args.mode == "both":
+        parser.error("mode 'both' is for the send workloads")
     elif args.workload == "drain":
         result = bench_drain(args.mode, args.jobs, args.processes, args.threads, args.timeout)
     else:
         result = bench_latency(args.mode, args.jobs, args.rate, args.processes, args.threads, args.timeout)
-    result["database"] = connection.vendor
-    result["broker"] = type(dramatiq.get_broker()).__name__
+    context = {"database": connection.vendor, "broker": type(dramatiq.get_broker()).__name__}
+    if args.mode == "both":
+        result = {side: {**figures, **context} for side, figures in result.items()}
+    else:
+        result.update(context)
     print(json.dumps(result))
 
 

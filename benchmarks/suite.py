@@ -34,6 +34,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 BROKERS = ["redis", "rabbitmq", "db-postgres", "db-sqlite"]
 WORKLOADS = ["send", "fanout", "send_many", "drain", "latency"]
+#: Workloads whose two sides run in one process, alternating iteration by iteration.
+INTERLEAVED = {"send", "fanout", "send_many"}
 DEFAULT_POSTGRES = "postgres://postgres@127.0.0.1:5432/django_events_bench_run"
 
 #: workload -> (driver arguments, the figure compared, its unit, whether more is better)
@@ -82,7 +84,11 @@ def run_driver(
         return {"error": (result.stderr or result.stdout)[-3000:]}
     figures: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
     figure, unit = SPECS[workload][1], SPECS[workload][2]
-    print(f" {figures[figure]:,.2f} {unit}", file=sys.stderr)
+    if mode == "both":
+        shown = " / ".join(f"{side} {figures[side][figure]:,.2f}" for side in ("events", "plain"))
+        print(f" {shown} {unit}", file=sys.stderr)
+    else:
+        print(f" {figures[figure]:,.2f} {unit}", file=sys.stderr)
     if result.stderr.strip():
         figures["stderr"] = result.stderr[-2000:]
     return figures
@@ -143,6 +149,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-sqlite-") as sqlite_dir:
         for broker in args.brokers:
             for workload in args.workloads:
+                if workload in INTERLEAVED and len(args.modes) == 2:
+                    # Both sides in one process, alternating: see driver.bench_send.
+                    both = run_driver(broker, workload, "both", args, Path(sqlite_dir))
+                    results[f"{broker} {workload}"] = both if "error" not in both else {"events": both}
+                    continue
                 for mode in args.modes:
                     figures = run_driver(broker, workload, mode, args, Path(sqlite_dir))
                     results.setdefault(f"{broker} {workload}", {})[mode] = figures
