@@ -164,9 +164,13 @@ def _claim_sql(using: str, ignore_due: bool) -> tuple[str, str | None]:
         f"{c['status']} = %s, {c['attempts']} = {run}.{c['attempts']} + 1, {c['lease_expires_at']} = %s, "
         f"{c['attempt_started_at']} = %s, {c['started_at']} = COALESCE({run}.{c['started_at']}, %s)"
     )
-    conditions = f"{run}.{c['id']} = %s AND {run}.{c['status']} IN ({waiting})"
+    # Only the primary key may pick the row: written as "(…) IS TRUE", the other conditions
+    # cannot use an index. Without that, on a table not yet analysed (a fresh backlog) PostgreSQL
+    # chose the due-time index and read every waiting run to find this one: measured, 0.56 ms of a
+    # 0.94 ms claim with 3,000 runs waiting, growing with the backlog.
+    conditions = f"{run}.{c['id']} = %s AND ({run}.{c['status']} IN ({waiting})) IS TRUE"
     if not ignore_due:
-        conditions += f" AND {run}.{c['due_at']} <= %s"
+        conditions += f" AND ({run}.{c['due_at']} <= %s) IS TRUE"
     if connection.vendor == "postgresql":
         event_id = quote(_column(Event._meta.pk))
         sql = (

@@ -189,3 +189,30 @@ def test_send_inside_a_transaction_uses_no_savepoint(transactional_db):
     assert not [sql for sql in statements if "SAVEPOINT" in sql], statements
     inserts = [sql for sql in statements if sql.startswith(("INSERT", "WITH"))]
     assert len(inserts) == (1 if connection.vendor == "postgresql" else 2), inserts
+
+
+def test_claim_finds_its_run_by_primary_key_even_in_a_big_unanalysed_backlog(db):
+    # Given many waiting runs in a table the planner has no statistics for yet
+    django_events.send_many([{"name": "test/ok"} for _ in range(500)])
+    run = Run.objects.order_by("created_at").last()
+    assert run is not None
+    sql, _select_event = hotpath._claim_sql("default", False)
+    now = timezone.now()
+    params = [RunStatus.RUNNING, now, now, now, run.pk, RunStatus.PENDING, RunStatus.RETRYING, now]
+    adapt = connection.ops.adapt_datetimefield_value
+    params = [adapt(p) if isinstance(p, dt.datetime) else p for p in params]
+    params[4] = Run._meta.pk.get_db_prep_value(run.pk, connection)
+
+    # When the claim's plan is asked for
+    explain = "EXPLAIN " if connection.vendor == "postgresql" else "EXPLAIN QUERY PLAN "
+    with connection.cursor() as cursor:
+        cursor.execute(explain + sql, params)
+        plan = "\n".join(str(row) for row in cursor.fetchall())
+
+    # Then the run is looked up by its primary key, not by scanning the due-time or status index
+    if connection.vendor == "postgresql":
+        assert "django_events_run_pkey" in plan, plan
+    else:
+        assert "sqlite_autoindex_django_events_run_1" in plan or "PRIMARY KEY" in plan, plan
+    assert "django_events_run_due" not in plan, plan
+    assert "django_events_run_status" not in plan, plan
