@@ -2,7 +2,8 @@
 
 ``rundramatiq`` imports this module in every worker (django-dramatiq discovers
 each installed app's ``tasks`` module), and the app config imports it at startup
-so that web processes can send. A message carries only the run's id.
+so that web processes can send. A message carries only run ids: one, or a fan-out's
+(``enqueue_group``), which the worker splits.
 """
 
 from __future__ import annotations
