@@ -49,6 +49,9 @@ class EventsSettings:
     #: (``None``: as Django's ``CONN_MAX_AGE`` says, which by default closes it after each).
     #: A connection that failed, or that a function left outside autocommit, is closed at once.
     WORKER_CONN_MAX_AGE: float | None = 300.0
+    #: On PostgreSQL, prepare the hot path's statements (planned once per connection). Turn off
+    #: behind a pooler that cannot keep prepared statements (pgbouncer before 1.21, transaction mode).
+    PREPARED_STATEMENTS: bool = True
 
     def __post_init__(self) -> None:
         checks: list[tuple[str, bool]] = [
@@ -73,6 +76,7 @@ class EventsSettings:
                 self.DEFAULT_TIME_LIMIT is None
                 or (_is_number(self.DEFAULT_TIME_LIMIT) and self.DEFAULT_TIME_LIMIT > 0),
             ),
+            ("PREPARED_STATEMENTS", isinstance(self.PREPARED_STATEMENTS, bool)),
             (
                 "WORKER_CONN_MAX_AGE",
                 self.WORKER_CONN_MAX_AGE is None

@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 from django.db import connections, models, transaction
 
+from .conf import get_settings
 from .models import Attempt, Event, Run, RunStatus, sources_of
 
 __all__ = ["claim", "insert", "record_success", "supported"]
@@ -49,6 +50,60 @@ def _supported(vendor: str, using: str) -> bool:
 
         return sqlite3.sqlite_version_info >= (3, 35)
     return False
+
+
+# -- Prepared statements -------------------------------------------------------------------------
+
+
+def _cursor(using: str) -> Any:
+    """A cursor for the hot path's statements: on PostgreSQL with psycopg 3, prepared ones.
+
+    PostgreSQL plans every statement it is sent as text again (0.3 ms of a 0.7 ms claim,
+    measured); a prepared statement is planned once per connection. Django's own queries
+    are unchanged: only this cursor, server-side binding, prepares. Goes through
+    Django's cursor wrapper, so errors are Django's; while queries are logged (``DEBUG``)
+    the ordinary cursor is used, so that the log shows the SQL.
+    ``DJANGO_EVENTS["PREPARED_STATEMENTS"] = False`` turns it off (for poolers that
+    cannot keep prepared statements, such as pgbouncer before 1.21 in transaction mode).
+    """
+    connection = connections[using]
+    if connection.vendor != "postgresql" or not get_settings().PREPARED_STATEMENTS:
+        return connection.cursor()
+    if connection.queries_logged:
+        # DEBUG, or a test capturing queries: Django could not show a prepared statement's SQL.
+        return connection.cursor()
+    from django.db.backends.postgresql.psycopg_any import is_psycopg3
+
+    if not is_psycopg3:
+        return connection.cursor()
+    connection.ensure_connection()
+    with connection.wrap_database_errors:
+        if connection.connection.prepare_threshold is None:
+            # Django turns preparing off for the connection (None), which psycopg also applies to
+            # prepare=True. A threshold no query reaches prepares only what asks, as ours do.
+            connection.connection.prepare_threshold = _NEVER
+        raw = _preparing_cursor_class()(connection.connection)
+    connection.validate_thread_sharing()
+    return connection.make_cursor(raw)
+
+
+#: A prepare threshold no statement reaches: only statements executed with prepare=True are prepared.
+_NEVER = 2**31 - 1
+
+
+@cache
+def _preparing_cursor_class() -> type[Any]:
+    import psycopg
+
+    class PreparingCursor(psycopg.Cursor[Any]):
+        """Server-side binding, and every statement prepared."""
+
+        def execute(
+            self, query: Any, params: Any = None, *, prepare: bool | None = None, binary: bool | None = None
+        ) -> Any:
+            return super().execute(query, params, prepare=True, binary=binary)
+
+    return PreparingCursor
 
 
 # -- Reading rows back into models ------------------------------------------------------------
@@ -132,7 +187,9 @@ def insert(events: Sequence[Event], runs: Sequence[Run], using: str) -> None:
             chunk = objs[start : start + _BATCH]
             sql, fields = _insert_sql(model, using, len(chunk))
             parts.append((sql, [value for obj in chunk for value in _values(obj, using, fields)]))
-    with connection.cursor() as cursor:
+    # Prepared only for one event (a send): the statement's text depends on the number of rows,
+    # and send_many's many sizes would each take a prepared statement of the connection.
+    with _cursor(using) if len(events) <= 1 else connection.cursor() as cursor:
         if connection.vendor == "postgresql" and len(parts) == 2:
             # Django's foreign keys are DEFERRABLE INITIALLY DEFERRED on PostgreSQL, so the runs
             # may go in beside their events in one statement.
@@ -209,7 +266,7 @@ def claim(
     ]
     if not ignore_due:
         params.append(at)
-    with connection.cursor() as cursor:
+    with _cursor(using) as cursor:
         cursor.execute(sql, params)
         row = cursor.fetchone()
         if row is None:
@@ -272,7 +329,7 @@ def record_success(run: Run, attempt: Attempt, result: Any, using: str) -> bool:
     fields = [field for field in Attempt._meta.concrete_fields if not field.primary_key]
     attempt_params = _values(attempt, using, fields)
     if connection.vendor == "postgresql":
-        with connection.cursor() as cursor:
+        with _cursor(using) as cursor:
             cursor.execute(one, update_params + attempt_params)
             row = cursor.fetchone()
     else:

@@ -216,3 +216,33 @@ def test_claim_finds_its_run_by_primary_key_even_in_a_big_unanalysed_backlog(db)
         assert "sqlite_autoindex_django_events_run_1" in plan or "PRIMARY KEY" in plan, plan
     assert "django_events_run_due" not in plan, plan
     assert "django_events_run_status" not in plan, plan
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="prepared statements are PostgreSQL's")
+def test_on_postgresql_the_hot_path_statements_are_prepared(transactional_db, settings):
+    # Given a fresh connection, and queries not logged (as in production)
+    connection.close()
+    run_id = Run.objects.get(event=django_events.send("test/ok")).pk
+
+    # When a run is claimed and its success recorded
+    run = _claim(run_id)
+    assert run is not None
+    assert hotpath.record_success(run, _attempt(run, 1), {"ok": True}, "default") is True
+
+    # Then PostgreSQL holds them as prepared statements of this connection, and they did their work
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT statement FROM pg_prepared_statements")
+        prepared = [row[0] for row in cursor.fetchall()]
+    assert any(sql.startswith('UPDATE "django_events_run"') for sql in prepared), prepared
+    assert any(sql.startswith("WITH moved AS") for sql in prepared), prepared
+    assert any(sql.startswith("WITH inserted AS") for sql in prepared), prepared  # the send
+    assert Run.objects.get(pk=run_id).result == {"ok": True}
+
+    # And with PREPARED_STATEMENTS off, a new connection prepares nothing
+    settings.DJANGO_EVENTS = {"PREPARED_STATEMENTS": False}
+    connection.close()
+    run_id = Run.objects.get(event=django_events.send("test/ok")).pk
+    assert _claim(run_id) is not None
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_prepared_statements")
+        assert cursor.fetchone()[0] == 0
