@@ -221,7 +221,7 @@ class DatabaseBroker(Broker):
         self._wal_checked = False
         self._vendor: str | None = None
         self._uses_notify: bool | None = None
-        self._insert_sql: dict[tuple[str, int], tuple[str, list[Any]]] = {}
+        self._insert_sql: dict[int, tuple[str, list[Any]]] = {}
 
     # -- Properties ----------------------------------------------------------------------------
 
@@ -423,7 +423,7 @@ class DatabaseBroker(Broker):
 
     def _insert_statement(self, db: BaseDatabaseWrapper, rows: int) -> tuple[str, list[Any]]:
         """The INSERT of ``rows`` messages (with the notification of their queues, if consumers listen)."""
-        key = (db.alias, rows)
+        key = rows  # db is always this broker's database
         if key not in self._insert_sql:
             from .models import QueuedMessage
 
