@@ -53,8 +53,9 @@ import django_events  # noqa: E402
 from django_events.models import Attempt, Run, RunStatus  # noqa: E402
 from django_events.tasks import ACTOR_NAME  # noqa: E402
 
+from .benchapp import floor  # noqa: E402
 from .benchapp.models import Item  # noqa: E402
-from .benchapp.tasks import plain_latency, plain_noop  # noqa: E402
+from .benchapp.tasks import plain_history, plain_latency, plain_noop  # noqa: E402
 
 #: Seconds between two looks at the workers' figures or the database while waiting.
 POLL = 0.05
@@ -174,6 +175,42 @@ def read_figures(out: Path) -> dict[str, Any]:
     return {"actors": actors, "starts": starts}
 
 
+#: Programs whose CPU time the drain reports: name -> the names its processes' command lines start with.
+PROGRAMS = {
+    "workers": ("python", "dramatiq"),  # python .../dramatiq (rundramatiq runs dramatiq's command)
+    "postgres": ("postgres",),  # the server and its processes ("postgres: ...")
+    "redis": ("redis-server",),
+    "rabbitmq": ("beam.smp",),
+}
+
+
+def cpu_seconds() -> dict[str, float]:
+    """CPU seconds (user and system) used so far by the running processes of each of ``PROGRAMS``.
+
+    Linux only (``/proc``). Connections are kept open by the workers, so the database
+    processes serving them live from the first sample to the last.
+    """
+    ticks = os.sysconf("SC_CLK_TCK")
+    totals = dict.fromkeys(PROGRAMS, 0.0)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        names = [Path(argv[0].split(" ")[0]).name.rstrip(":"), *(Path(arg).name for arg in argv[1:2])]
+        for program, starts in PROGRAMS.items():
+            if all(name.startswith(start) for name, start in zip(names, starts, strict=False)) and len(
+                names
+            ) >= len(starts):
+                fields = stat.rsplit(")", 1)[1].split()
+                totals[program] += (int(fields[11]) + int(fields[12])) / ticks
+                break
+    return totals
+
+
 def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -202,9 +239,13 @@ def bench_send(mode: str, iterations: int, fanout: bool) -> dict[str, Any]:
             if side == "events":
                 django_events.send(name, {"n": n})
             else:
+                if side == "floor":
+                    floor.store_event()
                 transaction.on_commit(lambda: plain_noop.send(n))
 
     sides = ["events", "plain"] if mode == "both" else [mode]
+    if mode == "both" and not fanout and connection.vendor == "postgresql":
+        sides.append("floor")  # the floor runs django-events' PostgreSQL statement
     for n in range(min(100, iterations)):  # warm up: connections, statement caches
         for side in sides:
             once(n, side)
@@ -254,6 +295,12 @@ def bench_drain(mode: str, jobs: int, processes: int, threads: int, timeout: flo
         for start in range(0, jobs, 1000):
             django_events.send_many([{"name": "bench/noop"} for _ in range(min(1000, jobs - start))])
         actor = ACTOR_NAME
+    elif mode == "floor":
+        run_ids = floor.pending_run_ids(jobs)
+        empty_queue()  # the runs' own messages: this side sends its own
+        for run_id in run_ids:
+            plain_history.send(run_id)
+        actor = plain_history.actor_name
     else:
         for i in range(jobs):
             plain_noop.send(i)
@@ -262,7 +309,10 @@ def bench_drain(mode: str, jobs: int, processes: int, threads: int, timeout: flo
 
     began = time.time()
     with workers(processes, threads) as figures:
-        if mode == "events":
+        # CPU time by program, from a tenth of the jobs to the end: what one job costs each.
+        wait_until(lambda: processed(figures, actor) >= jobs // 10, timeout, "a tenth of the jobs")
+        cpu_from, count_from = cpu_seconds(), processed(figures, actor)
+        if mode != "plain":
             not_done = Run.objects.exclude(status=RunStatus.SUCCEEDED)
             wait_until(
                 lambda: processed(figures, actor) >= jobs and not not_done.exists(), timeout, "the runs"
@@ -270,6 +320,7 @@ def bench_drain(mode: str, jobs: int, processes: int, threads: int, timeout: flo
         else:
             wait_until(lambda: processed(figures, actor) >= jobs, timeout, "the messages")
         done_seen = time.time()
+        cpu_to, count_to = cpu_seconds(), processed(figures, actor)
         # The figures that showed every job processed hold the last end time too.
         entry = figures()["actors"][actor]
     result: dict[str, Any] = {
@@ -280,8 +331,12 @@ def bench_drain(mode: str, jobs: int, processes: int, threads: int, timeout: flo
         "messages_failed": int(entry["failed"]),
         "wall_s": done_seen - began,
     }
+    result["cpu_ms_per_job"] = {
+        program: round((cpu_to[program] - seconds) * 1000 / max(1, count_to - count_from), 4)
+        for program, seconds in cpu_from.items()
+    }
     end = entry["last"]
-    if mode == "events":
+    if mode != "plain":
         finished = Run.objects.order_by("-finished_at").values_list("finished_at", flat=True).first()
         assert finished is not None
         end = finished.timestamp()
@@ -344,7 +399,11 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("workload", choices=["send", "send_many", "drain", "latency"])
-    parser.add_argument("mode", choices=["events", "plain", "both"], help="both: send workloads only")
+    parser.add_argument(
+        "mode",
+        choices=["events", "plain", "floor", "both"],
+        help="floor: plain Dramatiq plus only the history's SQL (send and drain); both: send workloads only",
+    )
     parser.add_argument("--iterations", type=int, default=2000)
     parser.add_argument("--fanout", action="store_true")
     parser.add_argument("--jobs", type=int, default=20000)
@@ -359,6 +418,8 @@ def main() -> None:
         result = bench_send_many(args.mode, args.iterations)
     elif args.mode == "both":
         parser.error("mode 'both' is for the send workloads")
+    elif args.mode == "floor" and (args.workload != "drain" or connection.vendor != "postgresql"):
+        parser.error("mode 'floor' is for drain on PostgreSQL (send's floor runs within 'both')")
     elif args.workload == "drain":
         result = bench_drain(args.mode, args.jobs, args.processes, args.threads, args.timeout)
     else:

@@ -3,7 +3,10 @@
 For every broker and workload it runs ``benchmarks/driver.py`` twice in a subprocess,
 once through django-events (``events``) and once with plain Dramatiq actors on the
 same broker, queue and worker settings (``plain``), then prints one table with both
-and their ratio and writes every raw figure to ``--output`` (JSON).
+and their ratio and writes every raw figure to ``--output`` (JSON). For ``send`` and
+``drain`` on PostgreSQL it also runs the *floor* (``benchapp/floor.py``): plain Dramatiq
+plus django-events' own statements for the same rows, without any of its Python, which
+is what the database work alone costs.
 
 Brokers: ``redis`` and ``rabbitmq`` (with PostgreSQL for the history), ``db-postgres``
 and ``db-sqlite`` (``DatabaseBroker`` on that database, which also holds the history).
@@ -38,6 +41,8 @@ WORKLOADS = ["send", "fanout", "send_many", "drain", "latency"]
 INTERLEAVED = {"send", "fanout", "send_many"}
 DEFAULT_POSTGRES = "postgres://postgres@127.0.0.1:5432/django_events_bench_run"
 
+#: Workloads with a floor side run separately (send's floor runs interleaved with its other sides).
+FLOORS = {"drain"}
 #: workload -> (driver arguments, the figure compared, its unit, whether more is better)
 SPECS: dict[str, tuple[list[str], str, str, bool]] = {
     "send": (["send"], "median_ms", "ms median", False),
@@ -100,16 +105,20 @@ def fmt(value: float | None, more: str = "") -> str:
 
 def table(results: dict[str, dict[str, dict[str, Any]]]) -> str:
     lines = [
-        f"{'broker':<12} {'workload':<10} {'django-events':>22} {'plain Dramatiq':>22} {'ratio':>7}",
+        f"{'broker':<12} {'workload':<10} {'django-events':>22} {'plain Dramatiq':>22} {'ratio':>7}"
+        f" {'floor':>22} {'ratio':>7}",
     ]
     for key, modes in results.items():
         broker, workload = key.split(" ", 1)
         figure, unit, _more_is_better = SPECS[workload][1], SPECS[workload][2], SPECS[workload][3]
         ours, theirs = modes.get("events", {}).get(figure), modes.get("plain", {}).get(figure)
         ratio = ours / theirs if ours and theirs else None
+        least = modes.get("floor", {}).get(figure)
+        least_ratio = least / theirs if least and theirs else None
+        floor_columns = f" {fmt(least, ' ' + unit):>22} {fmt(least_ratio, 'x'):>7}" if least else ""
         lines.append(
             f"{broker:<12} {workload:<10} {fmt(ours, ' ' + unit):>22} {fmt(theirs, ' ' + unit):>22} "
-            f"{fmt(ratio, 'x'):>7}"
+            f"{fmt(ratio, 'x'):>7}{floor_columns}"
         )
         if workload in ("send", "fanout", "latency"):
             p = "p99_ms"
@@ -127,7 +136,13 @@ def main() -> None:
     )
     parser.add_argument("--brokers", nargs="+", choices=BROKERS, default=BROKERS)
     parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=WORKLOADS)
-    parser.add_argument("--modes", nargs="+", choices=["events", "plain"], default=["events", "plain"])
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=["events", "plain", "floor"],
+        default=["events", "plain", "floor"],
+        help="floor (send and drain): plain Dramatiq plus only the SQL of the history",
+    )
     parser.add_argument("--database-url", default=os.environ.get("BENCH_DATABASE_URL", DEFAULT_POSTGRES))
     parser.add_argument("--iterations", type=int, default=2000, help="send and fanout iterations")
     parser.add_argument("--send-many-iterations", type=int, default=20, help="send_many calls of 1,000")
@@ -149,12 +164,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-sqlite-") as sqlite_dir:
         for broker in args.brokers:
             for workload in args.workloads:
-                if workload in INTERLEAVED and len(args.modes) == 2:
+                if workload in INTERLEAVED and {"events", "plain"} <= set(args.modes):
                     # Both sides in one process, alternating: see driver.bench_send.
                     both = run_driver(broker, workload, "both", args, Path(sqlite_dir))
                     results[f"{broker} {workload}"] = both if "error" not in both else {"events": both}
                     continue
                 for mode in args.modes:
+                    if mode == "floor" and (workload not in FLOORS or broker == "db-sqlite"):
+                        continue  # the floors run django-events' PostgreSQL statements
                     figures = run_driver(broker, workload, mode, args, Path(sqlite_dir))
                     results.setdefault(f"{broker} {workload}", {})[mode] = figures
     print(table(results))
