@@ -96,7 +96,7 @@ def run_history(run_id: str) -> None:
 
 
 def pending_run_ids(jobs: int) -> list[str]:
-    """Send ``jobs`` no-op events without their messages; the ids of their runs."""
+    """Send ``jobs`` no-op events; the ids of their runs. The caller drops the runs' own messages."""
     for start in range(0, jobs, 1000):
         django_events.send_many([{"name": "bench/noop"} for _ in range(min(1000, jobs - start))])
     return [str(pk) for pk in Run.objects.values_list("pk", flat=True)]
