@@ -306,11 +306,7 @@ def record(
         # The common case, in one statement: nothing else goes in its transaction.
         moved = int(hotpath.record_success(run, attempt_row, result, using))
         if moved:
-            for field, value in changes.items():
-                setattr(run, field, value)
-            run.status, run.attempts = to, attempt
-        else:
-            _keep_stale_attempt(attempt_row, using)
+            _apply(run, to, attempt, changes)
     else:
         with transaction.atomic(using=using):
             moved = (
@@ -320,18 +316,15 @@ def record(
             )
             if moved:
                 attempt_row.save(using=using, force_insert=True)
-                for field, value in changes.items():
-                    setattr(run, field, value)
-                run.status, run.attempts = to, attempt
+                _apply(run, to, attempt, changes)
                 if to == RunStatus.RETRYING and enqueue:
                     delay = (changes["due_at"] - finished).total_seconds()
                     enqueue_with_transaction([(run.pk, run.function)], using, delay=delay)
                 if to == RunStatus.DEAD and run.event_name != RUN_DEAD_EVENT:
                     _send_dead_event(run, attempt)
-            else:
-                _keep_stale_attempt(attempt_row, using)
 
     if not moved:
+        _keep_stale_attempt(attempt_row, using)
         logger.warning(
             "Run %s of %s: attempt %d finished after another worker took the run over; "
             "its outcome (%s) was not applied.",
@@ -410,6 +403,13 @@ def _send_signals(
                     run.pk,
                     exc_info=(type(response), response, response.__traceback__),
                 )
+
+
+def _apply(run: Run, to: str, attempt: int, changes: dict[str, Any]) -> None:
+    """Bring the ``run`` object up to date with the move just stored."""
+    for field, value in changes.items():
+        setattr(run, field, value)
+    run.status, run.attempts = to, attempt
 
 
 def _keep_stale_attempt(attempt_row: Attempt, using: str) -> None:
