@@ -207,6 +207,18 @@ def insert(events: Sequence[Event], runs: Sequence[Run], using: str) -> None:
 _BATCH = 2000
 
 
+@cache
+def _waiting_statuses() -> list[str]:
+    """The statuses a claim takes a run from, in the order of the statement's placeholders."""
+    return sorted(sources_of(RunStatus.RUNNING))
+
+
+@cache
+def _attempt_fields() -> list[models.Field[Any, Any]]:
+    """The attempt's columns the record inserts (all but the primary key), in model order."""
+    return [field for field in Attempt._meta.concrete_fields if not field.primary_key]
+
+
 # -- claim ---------------------------------------------------------------------------------------
 
 
@@ -254,7 +266,7 @@ def claim(
     connection = connections[using]
     ops = connection.ops
     sql, select_event = _claim_sql(using, ignore_due)
-    waiting = sorted(sources_of(RunStatus.RUNNING))
+    waiting = _waiting_statuses()
     at = ops.adapt_datetimefield_value(now)
     params = [
         RunStatus.RUNNING.value,
@@ -292,7 +304,7 @@ def _success_sql(using: str) -> tuple[str, str, str]:
     quote = connection.ops.quote_name
     run, attempt = quote(Run._meta.db_table), quote(Attempt._meta.db_table)
     r = {field.name: quote(_column(field)) for field in Run._meta.concrete_fields}
-    fields = [field for field in Attempt._meta.concrete_fields if not field.primary_key]
+    fields = _attempt_fields()
     columns = ", ".join(quote(_column(field)) for field in fields)
     update = (
         f"UPDATE {run} SET {r['status']} = %s, {r['result']} = %s, {r['finished_at']} = %s, "
@@ -326,8 +338,7 @@ def record_success(run: Run, attempt: Attempt, result: Any, using: str) -> bool:
         attempt.number,
         RunStatus.RUNNING.value,
     ]
-    fields = [field for field in Attempt._meta.concrete_fields if not field.primary_key]
-    attempt_params = _values(attempt, using, fields)
+    attempt_params = _values(attempt, using, _attempt_fields())
     if connection.vendor == "postgresql":
         with _cursor(using) as cursor:
             cursor.execute(one, update_params + attempt_params)
