@@ -9,7 +9,7 @@ History is read-only here: nobody edits a run by hand. The actions go through
 never count a whole table (a capped count); on runs and events every filter and
 the default ordering have an index, the date hierarchy probes an index instead
 of listing the distinct dates of every row, and error searches use ``ILIKE``,
-which the trigram index serves.
+which the trigram index serves: those helpers are in ``django_events.changelists``.
 """
 
 from __future__ import annotations
@@ -22,32 +22,35 @@ from collections.abc import Callable, Iterable
 from typing import Any, NoReturn
 
 import dramatiq
-from django.conf import settings
 from django.contrib import admin, messages
 from django.contrib.admin.views.main import ChangeList
 from django.contrib.auth import get_permission_codename
 from django.core.exceptions import PermissionDenied
-from django.core.paginator import Paginator
-from django.db import connections, models
-from django.db.models import Count, Exists, F, Max, Min, Q, QuerySet
+from django.db import connections
+from django.db.models import Count, F, Q, QuerySet
 from django.db.models.fields.json import KeyTransform
-from django.db.models.lookups import IContains, Lookup
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseNotAllowed, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
-from django.utils import formats, timezone
-from django.utils.functional import Promise, cached_property
+from django.utils import timezone
+from django.utils.functional import Promise
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
-from django.utils.text import capfirst
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
-from dramatiq.common import q_name
 from dramatiq.errors import DecodeError
 
 from . import control
-from .conf import get_settings
+from .changelists import (
+    CappedCountPaginator,
+    ContainsText,
+    EventChangeList,
+    EventNameFilter,
+    FunctionFilter,
+    IndexedDateHierarchyChangeList,
+    QueueNameFilter,
+)
 from .models import (
     FINAL_STATUSES,
     Attempt,
@@ -58,7 +61,6 @@ from .models import (
     RunStatus,
     sources_of,
 )
-from .registry import registered_functions
 from .tasks import ACTOR_NAME
 
 __all__ = ["CappedCountPaginator", "EventAdmin", "QueuedMessageAdmin", "RunAdmin"]
@@ -74,33 +76,6 @@ RUN_ACTIONS: dict[str, tuple[Callable[[Any], control.Outcome], Any, Any]] = {
     "retry": (control.retry_runs, _("retried"), _("not dead, cancelled or succeeded")),
     "cancel": (control.cancel_runs, _("cancelled"), _("not pending or retrying")),
 }
-
-
-class CappedCountPaginator(Paginator):  # type: ignore[type-arg]
-    """Counts at most ``cap + 1`` rows, so a list over a million rows costs an index range, not a scan.
-
-    The count drops the list's ordering: any ``cap + 1`` rows tell whether there
-    are more, and without ``ORDER BY created_at, id`` an index on the filtered
-    column answers alone (an index-only scan), with no sort and no table reads.
-    Pages past the cap are not linked; filter or search to narrow the list.
-    """
-
-    #: The most rows counted.
-    cap = 10_000
-
-    @cached_property
-    def count(self) -> int:
-        object_list = self.object_list
-        if isinstance(object_list, QuerySet):
-            if not object_list.query.is_sliced:
-                object_list = object_list.order_by()
-            return object_list[: self.cap + 1].count()
-        return len(object_list)
-
-    @property
-    def capped(self) -> bool:
-        """Whether there may be more rows than ``count`` says."""
-        return self.count > self.cap
 
 
 def _status_badge(status: str) -> SafeString:
@@ -134,178 +109,6 @@ def _as_uuid(term: str) -> uuid.UUID | None:
         return uuid.UUID(term)
     except ValueError:
         return None
-
-
-class _ContainsText(IContains):
-    """``icontains`` that PostgreSQL answers from a trigram index: ``column ILIKE '%term%'``.
-
-    Django's own ``icontains`` compares ``UPPER(column)``, an expression no index
-    on the column serves. Elsewhere it is ``icontains`` unchanged.
-    """
-
-    def as_postgresql(self, compiler: Any, connection: Any) -> tuple[str, tuple[Any, ...]]:
-        lhs_sql, lhs_params = Lookup.process_lhs(self, compiler, connection)  # no UPPER(), no cast
-        rhs_sql, rhs_params = self.process_rhs(compiler, connection)  # '%term%', escaped
-        return f"{lhs_sql} ILIKE {rhs_sql}", (*lhs_params, *rhs_params)
-
-
-def _next_month(day: dt.date) -> dt.date:
-    return (day.replace(day=1) + dt.timedelta(days=32)).replace(day=1)
-
-
-class IndexedDateHierarchyChangeList(ChangeList):
-    """A change list whose date hierarchy costs index probes, not a scan of the matching rows.
-
-    Django's ``{% date_hierarchy %}`` lists the years, months or days that have
-    rows with ``SELECT DISTINCT date_trunc(...)`` over every row of the list: a
-    second over a million runs. This one asks for the first and last dates
-    (``MIN`` and ``MAX``, which an index answers from its ends) and, in one query,
-    whether each period in between has a row (``EXISTS``, one index probe each).
-    The links are the same; the change list templates render them.
-    """
-
-    @cached_property
-    def date_hierarchy_links(self) -> dict[str, Any]:
-        """The context of ``admin/date_hierarchy.html``, as Django's tag would make it."""
-        field = self.date_hierarchy
-        year_field, month_field, day_field = f"{field}__year", f"{field}__month", f"{field}__day"
-        year, month, day = (self.params.get(name) for name in (year_field, month_field, day_field))
-
-        def link(filters: dict[str, Any]) -> str:
-            return self.get_query_string(filters, [f"{field}__"])
-
-        if year and month and day:
-            date = dt.date(int(year), int(month), int(day))
-            return {
-                "show": True,
-                "back": {
-                    "link": link({year_field: year, month_field: month}),
-                    "title": capfirst(formats.date_format(date, "YEAR_MONTH_FORMAT")),
-                },
-                "choices": [{"title": capfirst(formats.date_format(date, "MONTH_DAY_FORMAT"))}],
-            }
-        bounds = self.queryset.order_by().aggregate(first=Min(field), last=Max(field))
-        first, last = (self._local_date(bounds["first"]), self._local_date(bounds["last"]))
-        if not (year or month or day) and first is not None and last is not None and first.year == last.year:
-            year = str(first.year)  # one year only: show its months (or days), as Django does
-            if first.month == last.month:
-                month = str(first.month)
-        if year and month:
-            days = self._periods(first, last, lambda date: date + dt.timedelta(days=1))
-            return {
-                "show": True,
-                "back": {"link": link({year_field: year}), "title": str(year)},
-                "choices": [
-                    {
-                        "link": link({year_field: year, month_field: month, day_field: date.day}),
-                        "title": capfirst(formats.date_format(date, "MONTH_DAY_FORMAT")),
-                    }
-                    for date in days
-                ],
-            }
-        if year:
-            first = first and first.replace(day=1)
-            months = self._periods(first, last, _next_month)
-            return {
-                "show": True,
-                "back": {"link": link({}), "title": _("All dates")},
-                "choices": [
-                    {
-                        "link": link({year_field: year, month_field: date.month}),
-                        "title": capfirst(formats.date_format(date, "YEAR_MONTH_FORMAT")),
-                    }
-                    for date in months
-                ],
-            }
-        first = first and first.replace(month=1, day=1)
-        years = self._periods(first, last, lambda date: date.replace(year=date.year + 1))
-        return {
-            "show": True,
-            "back": None,
-            "choices": [
-                {"link": link({year_field: str(date.year)}), "title": str(date.year)} for date in years
-            ],
-        }
-
-    @staticmethod
-    def _local_date(value: dt.datetime | dt.date | None) -> dt.date | None:
-        if isinstance(value, dt.datetime):
-            return (timezone.localtime(value) if timezone.is_aware(value) else value).date()
-        return value
-
-    def _periods(
-        self, first: dt.date | None, last: dt.date | None, following: Callable[[dt.date], dt.date]
-    ) -> list[dt.date]:
-        """The starts of the periods from the one of ``first`` to the one of ``last`` that have rows.
-
-        The first and the last have rows (they hold the MIN and the MAX); the ones
-        in between are asked about in a single query of ``EXISTS`` subqueries.
-        """
-        if first is None or last is None:
-            return []
-        starts = [first]
-        while following(starts[-1]) <= last:
-            starts.append(following(starts[-1]))
-        if len(starts) <= 2:
-            return starts
-        field = self.date_hierarchy
-        queryset = self.queryset.order_by()
-        probes = {
-            f"period_{index}": Exists(
-                queryset.filter(
-                    **{f"{field}__gte": self._moment(start), f"{field}__lt": self._moment(following(start))}
-                )
-            )
-            for index, start in enumerate(starts[1:-1], start=1)
-        }
-        rows = list(self.model._default_manager.using(queryset.db).order_by().values(**probes)[:1])
-        found = rows[0] if rows else {}
-        return [start for index, start in enumerate(starts) if found.get(f"period_{index}", True)]
-
-    def _moment(self, date: dt.date) -> dt.datetime | dt.date:
-        field = self.model._meta.get_field(self.date_hierarchy)
-        if not isinstance(field, models.DateTimeField):
-            return date
-        moment = dt.datetime.combine(date, dt.time.min)
-        return timezone.make_aware(moment) if settings.USE_TZ else moment
-
-
-class _RegistryChoicesFilter(admin.SimpleListFilter):
-    """A filter whose choices come from the registered functions, not from a DISTINCT over the table."""
-
-    field: str
-
-    def choices_from_registry(self) -> list[str]:
-        raise NotImplementedError
-
-    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin[Any]) -> list[tuple[str, str]]:
-        values = set(self.choices_from_registry())
-        current = self.value()
-        if current:
-            values.add(current)  # a function removed since still filters
-        return [(value, value) for value in sorted(values)]
-
-    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
-        value = self.value()
-        return queryset.filter(**{self.field: value}) if value else queryset
-
-
-class FunctionFilter(_RegistryChoicesFilter):
-    title = _("function")
-    parameter_name = "function"
-    field = "function"
-
-    def choices_from_registry(self) -> list[str]:
-        return [function.id for function in registered_functions()]
-
-
-class EventNameFilter(_RegistryChoicesFilter):
-    title = _("event name")
-    parameter_name = "event_name"
-    field = "event_name"
-
-    def choices_from_registry(self) -> list[str]:
-        return [trigger for function in registered_functions() for trigger in function.triggers]
 
 
 class _ReadOnlyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
@@ -463,7 +266,7 @@ class RunAdmin(_ReadOnlyAdmin):
         term = search_term.strip()
         if not term:
             return queryset, False
-        condition = Q(function=term) | Q(event_name=term) | Q(_ContainsText(F("last_error"), term))
+        condition = Q(function=term) | Q(event_name=term) | Q(ContainsText(F("last_error"), term))
         as_uuid = _as_uuid(term)
         if as_uuid is not None:
             condition |= Q(pk=as_uuid) | Q(event_id=as_uuid)
@@ -608,23 +411,6 @@ class RunAdmin(_ReadOnlyAdmin):
 
 def _status_badge_for_outcome(outcome: str) -> SafeString:
     return format_html('<span class="de-badge de-badge-{}">{}</span>', outcome, outcome.replace("_", " "))
-
-
-class EventChangeList(IndexedDateHierarchyChangeList):
-    """Attaches each listed event's run counts by status, in one query for the page."""
-
-    def get_results(self, request: HttpRequest) -> None:
-        super().get_results(request)
-        counts: dict[Any, Counter[str]] = defaultdict(Counter)
-        for event_id, status, count in (
-            Run.objects.filter(event_id__in=[event.pk for event in self.result_list])
-            .values_list("event_id", "status")
-            .annotate(n=Count("pk"))
-            .order_by()
-        ):
-            counts[event_id][status] = count
-        for event in self.result_list:
-            event.run_counts = counts[event.pk]
 
 
 @admin.register(Event)
@@ -809,18 +595,6 @@ def _run_id(message: dramatiq.Message[Any]) -> uuid.UUID | None:
         return None
     arg = message.args[0]
     return _as_uuid(arg) if isinstance(arg, str) else None
-
-
-class QueueNameFilter(_RegistryChoicesFilter):
-    """Queues the broker has declared (and django-events' own), not a DISTINCT over the table."""
-
-    title = _("queue")
-    parameter_name = "queue_name"
-    field = "queue_name"
-
-    def choices_from_registry(self) -> list[str]:
-        declared = {q_name(name) for name in dramatiq.get_broker().get_declared_queues()}
-        return [*declared, get_settings().QUEUE_NAME]
 
 
 @admin.register(QueuedMessage)

@@ -12,7 +12,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 import django_events
-from django_events.admin import CappedCountPaginator
+from django_events.changelists import CappedCountPaginator
 from django_events.execution import Execution, execute_run
 from django_events.models import Attempt, Run, RunStatus
 from django_events.testing import run_all

@@ -14,8 +14,8 @@ from django.urls import reverse
 from django.utils import timezone
 
 import django_events
-from django_events.admin import CappedCountPaginator, QueueNameFilter
 from django_events.broker import DatabaseBroker
+from django_events.changelists import CappedCountPaginator, QueueNameFilter
 from django_events.conf import get_settings
 from django_events.models import QueuedMessage, QueuedMessageState, Run
 from django_events.tasks import ACTOR_NAME
