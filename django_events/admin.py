@@ -31,11 +31,12 @@ from django.db.models import Count, F, Q, QuerySet
 from django.db.models.fields.json import KeyTransform
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseNotAllowed, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
+from django.template.loader import render_to_string
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
 from django.utils import timezone
 from django.utils.functional import Promise
-from django.utils.html import format_html, format_html_join
+from django.utils.html import format_html
 from django.utils.safestring import SafeString
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
@@ -84,9 +85,13 @@ def _status_badge(status: str) -> SafeString:
     )
 
 
+def _include(name: str, context: dict[str, Any]) -> SafeString:
+    """The template ``admin/django_events/includes/<name>.html``, rendered (auto-escaped)."""
+    return render_to_string(f"admin/django_events/includes/{name}.html", context)
+
+
 def _pretty_json(value: Any) -> SafeString:
-    text = json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False)
-    return format_html('<pre class="de-pre">{}</pre>', text)
+    return _include("json", {"text": json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False)})
 
 
 def _duration(start: dt.datetime | None, end: dt.datetime | None) -> str:
@@ -209,44 +214,21 @@ class RunAdmin(_ReadOnlyAdmin):
         return _pretty_json(run.result)
 
     @admin.display(description=_("attempts"))
-    def attempt_history(self, run: Run) -> StrOrPromise:
-        attempts = list(Attempt.objects.filter(run=run).order_by("number"))
-        if not attempts:
-            return _("No attempt yet.")
-        rows = format_html_join(
-            "\n",
-            '<tr class="de-attempt de-attempt-{}"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>'
-            "<td>{}</td></tr>{}",
-            (
-                (
-                    attempt.outcome,
-                    attempt.number,
-                    _status_badge_for_outcome(attempt.outcome),
-                    timezone.localtime(attempt.started_at).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3],
-                    _duration(attempt.started_at, attempt.finished_at),
-                    f"{attempt.worker_host} (pid {attempt.worker_pid})" if attempt.worker_host else "-",
-                    format_html("<code>{}</code>: {}", attempt.exc_type, attempt.message)
-                    if attempt.exc_type
-                    else "",
-                    format_html(
-                        '<tr class="de-traceback"><td colspan="6"><pre class="de-pre">{}</pre></td></tr>',
-                        attempt.traceback,
+    def attempt_history(self, run: Run) -> SafeString:
+        attempts = Attempt.objects.filter(run=run).order_by("number")
+        return _include(
+            "attempts",
+            {
+                "attempts": [
+                    (
+                        attempt,
+                        _status_badge_for_outcome(attempt.outcome),
+                        timezone.localtime(attempt.started_at).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3],
+                        _duration(attempt.started_at, attempt.finished_at),
                     )
-                    if attempt.traceback
-                    else "",
-                )
-                for attempt in attempts
-            ),
-        )
-        return format_html(
-            '<table class="de-attempts"><thead><tr><th>#</th><th>{}</th><th>{}</th><th>{}</th>'
-            "<th>{}</th><th>{}</th></tr></thead><tbody>{}</tbody></table>",
-            _("outcome"),
-            _("started"),
-            _("duration"),
-            _("worker"),
-            _("error"),
-            rows,
+                    for attempt in attempts
+                ]
+            },
         )
 
     # -- queries ---------------------------------------------------------------------------
@@ -430,14 +412,15 @@ class EventAdmin(_ReadOnlyAdmin):
         return EventChangeList
 
     @admin.display(description=_("runs"))
-    def runs_summary(self, event: Event) -> StrOrPromise:
+    def runs_summary(self, event: Event) -> SafeString:
         counts: Counter[str] = getattr(event, "run_counts", None) or Counter()
-        if not counts:
-            return _("no function subscribed")
-        return format_html_join(
-            " ",
-            "{} {}",
-            ((counts[status], _status_badge(status)) for status in RunStatus.values if counts[status]),
+        return _include(
+            "run_counts",
+            {
+                "counts": [
+                    (counts[status], _status_badge(status)) for status in RunStatus.values if counts[status]
+                ]
+            },
         )
 
     @admin.display(description=_("data"))
@@ -445,29 +428,22 @@ class EventAdmin(_ReadOnlyAdmin):
         return _pretty_json(event.data)
 
     @admin.display(description=_("runs"))
-    def run_list(self, event: Event) -> StrOrPromise:
-        runs = list(Run.objects.filter(event=event).order_by("created_at", "function"))
-        if not runs:
-            return _("No function subscribed to this event when it was sent.")
-        return format_html(
-            '<table class="de-runs"><tbody>{}</tbody></table>',
-            format_html_join(
-                "\n",
-                '<tr><td><a href="{}">{}</a></td><td>{}</td><td>{} / {}</td><td>{}</td></tr>',
-                (
+    def run_list(self, event: Event) -> SafeString:
+        runs = Run.objects.filter(event=event).order_by("created_at", "function")
+        return _include(
+            "runs",
+            {
+                "runs": [
                     (
-                        reverse("admin:django_events_run_change", args=[run.pk]),
-                        run.function,
+                        run,
                         _status_badge(run.status),
-                        run.attempts,
-                        run.max_attempts,
                         run.last_error
                         if run.status not in FINAL_STATUSES or run.status == RunStatus.DEAD
                         else "",
                     )
                     for run in runs
-                ),
-            ),
+                ]
+            },
         )
 
     def get_search_results(
@@ -656,12 +632,10 @@ class QueuedMessageAdmin(_ReadOnlyAdmin):
         return format_html('<a href="{}">{}</a>', url, run_id)
 
     @admin.display(description=_("message"))
-    def message_json(self, queued: QueuedMessage) -> StrOrPromise:
+    def message_json(self, queued: QueuedMessage) -> SafeString:
         message = _decode_body(queued)
         if message is None:
-            return format_html(
-                '{}<pre class="de-pre">{}</pre>', _("undecodable"), repr(bytes(queued.body or b"")[:2000])
-            )
+            return _include("message", {"undecodable": True, "text": repr(bytes(queued.body or b"")[:2000])})
         fields = {
             "actor_name": message.actor_name,
             "args": list(message.args),
@@ -669,9 +643,10 @@ class QueuedMessageAdmin(_ReadOnlyAdmin):
             "options": message.options,
         }
         try:
-            return _pretty_json(fields)
+            text = json.dumps(fields, indent=2, sort_keys=True, ensure_ascii=False)
         except (TypeError, ValueError):  # a custom Dramatiq encoder may give what JSON cannot hold
-            return format_html('<pre class="de-pre">{}</pre>', repr(fields))
+            text = repr(fields)
+        return _include("message", {"undecodable": False, "text": text})
 
     # -- queries ---------------------------------------------------------------------------
 
