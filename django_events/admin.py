@@ -19,6 +19,7 @@ import json
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import dramatiq
@@ -26,7 +27,7 @@ from django.contrib import admin, messages
 from django.contrib.admin.views.main import ChangeList
 from django.contrib.auth import get_permission_codename
 from django.core.exceptions import PermissionDenied
-from django.db import connections
+from django.db import connections, models
 from django.db.models import Count, F, Q, QuerySet
 from django.db.models.fields.json import KeyTransform
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseNotAllowed, HttpResponseRedirect
@@ -39,7 +40,7 @@ from django.utils.functional import Promise
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 from django.utils.translation import gettext_lazy as _
-from django.utils.translation import ngettext
+from django.utils.translation import ngettext, ngettext_lazy
 from dramatiq.errors import DecodeError
 
 from . import control
@@ -55,6 +56,7 @@ from .changelists import (
 from .models import (
     FINAL_STATUSES,
     Attempt,
+    AttemptOutcome,
     Event,
     QueuedMessage,
     QueuedMessageState,
@@ -72,22 +74,71 @@ StrOrPromise = str | Promise
 RETRYABLE = frozenset(sources_of(RunStatus.PENDING))
 CANCELLABLE = frozenset(sources_of(RunStatus.CANCELLED))
 
-#: The run actions: what does the work, and how the report names what was done and skipped.
-RUN_ACTIONS: dict[str, tuple[Callable[[Any], control.Outcome], Any, Any]] = {
-    "retry": (control.retry_runs, _("retried"), _("not dead, cancelled or succeeded")),
-    "cancel": (control.cancel_runs, _("cancelled"), _("not pending or retrying")),
+#: The colour a broker message's state borrows from a run status (``admin.css`` styles run
+#: statuses and attempt outcomes by their own names).
+MESSAGE_BADGES: dict[str, str] = {
+    QueuedMessageState.READY: RunStatus.PENDING,
+    QueuedMessageState.TAKEN: RunStatus.RUNNING,
+    QueuedMessageState.DEAD: RunStatus.DEAD,
 }
 
 
-def _status_badge(status: str) -> SafeString:
-    return format_html(
-        '<span class="de-badge de-badge-{}">{}</span>', status, RunStatus(status).label if status else "-"
-    )
+@dataclass(frozen=True)
+class Report:
+    """How the report of an action on many rows names what it did, and why it skipped the rest."""
+
+    #: "%(n)d run retried" and its plural, chosen by ``n`` (an ``ngettext_lazy`` with number "n").
+    done: Any
+    #: Why a row was skipped: "not dead".
+    why: StrOrPromise
+
+
+#: The report's second half, after the rows done.
+SKIPPED = ngettext_lazy("%(n)d skipped (%(why)s)", "%(n)d skipped (%(why)s)", "n")
+
+#: The run actions: what does the work, and how the report says what was done and skipped.
+RUN_ACTIONS: dict[str, tuple[Callable[[Iterable[Any]], control.Outcome], Report]] = {
+    "retry": (
+        control.retry_runs,
+        Report(
+            ngettext_lazy("%(n)d run retried", "%(n)d runs retried", "n"),
+            _("not dead, cancelled or succeeded"),
+        ),
+    ),
+    "cancel": (
+        control.cancel_runs,
+        Report(
+            ngettext_lazy("%(n)d run cancelled", "%(n)d runs cancelled", "n"), _("not pending or retrying")
+        ),
+    ),
+}
+#: The message actions: what does the work, and how the report says what was done and skipped.
+MESSAGE_ACTIONS: dict[str, tuple[Callable[[Iterable[int], str], control.Outcome], Report]] = {
+    "requeue": (
+        control.requeue_dead_messages,
+        Report(ngettext_lazy("%(n)d message requeued", "%(n)d messages requeued", "n"), _("not dead")),
+    ),
+    "delete": (
+        control.delete_dead_messages,
+        Report(ngettext_lazy("%(n)d message deleted", "%(n)d messages deleted", "n"), _("not dead")),
+    ),
+}
 
 
 def _include(name: str, context: dict[str, Any]) -> SafeString:
     """The template ``admin/django_events/includes/<name>.html``, rendered (auto-escaped)."""
     return render_to_string(f"admin/django_events/includes/{name}.html", context)
+
+
+def _badge(value: str, choices: type[models.TextChoices] = RunStatus) -> SafeString:
+    """A coloured label for a run status, an attempt outcome or a message state: ``includes/badge.html``.
+
+    The label is the choice's; the colour is the value's own class in ``admin.css``,
+    except that a message state borrows a run status's (:data:`MESSAGE_BADGES`).
+    """
+    label = choices(value).label if value in choices.values else (value.replace("_", " ") or "-")
+    style = MESSAGE_BADGES.get(value, value) if choices is QueuedMessageState else value
+    return _include("badge", {"style": style, "label": label})
 
 
 def _pretty_json(value: Any) -> SafeString:
@@ -139,6 +190,13 @@ class _ReadOnlyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     def _post_only(self, request: HttpRequest) -> HttpResponse | None:
         return None if request.method == "POST" else HttpResponseNotAllowed(["POST"])
 
+    def _report(self, request: HttpRequest, outcome: control.Outcome, report: Report) -> None:
+        """Tell the user "n done; m skipped (why)." after an action; a warning if nothing was done."""
+        text = report.done % {"n": outcome.done}
+        if outcome.skipped:
+            text += "; " + SKIPPED % {"n": outcome.skipped, "why": report.why}
+        self.message_user(request, f"{text}.", messages.SUCCESS if outcome.done else messages.WARNING)
+
 
 @admin.register(Run)
 class RunAdmin(_ReadOnlyAdmin):
@@ -187,7 +245,7 @@ class RunAdmin(_ReadOnlyAdmin):
 
     @admin.display(description=_("status"), ordering="status")
     def status_badge(self, run: Run) -> SafeString:
-        return _status_badge(run.status)
+        return _badge(run.status)
 
     @admin.display(description=_("attempts"))
     def attempts_used(self, run: Run) -> str:
@@ -222,7 +280,7 @@ class RunAdmin(_ReadOnlyAdmin):
                 "attempts": [
                     (
                         attempt,
-                        _status_badge_for_outcome(attempt.outcome),
+                        _badge(attempt.outcome, AttemptOutcome),
                         timezone.localtime(attempt.started_at).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3],
                         _duration(attempt.started_at, attempt.finished_at),
                     )
@@ -267,27 +325,15 @@ class RunAdmin(_ReadOnlyAdmin):
 
     @admin.action(description=_("Retry selected runs"), permissions=["retry"])
     def retry_selected(self, request: HttpRequest, queryset: QuerySet[Run]) -> None:
-        outcome = control.retry_runs(queryset.values_list("pk", flat=True))
-        self._report(request, outcome, "retry")
+        self._act(request, queryset.values_list("pk", flat=True), "retry")
 
     @admin.action(description=_("Cancel selected runs"), permissions=["cancel"])
     def cancel_selected(self, request: HttpRequest, queryset: QuerySet[Run]) -> None:
-        outcome = control.cancel_runs(queryset.values_list("pk", flat=True))
-        self._report(request, outcome, "cancel")
+        self._act(request, queryset.values_list("pk", flat=True), "cancel")
 
-    def _report(self, request: HttpRequest, outcome: control.Outcome, name: str) -> None:
-        _action, verb, why = RUN_ACTIONS[name]
-        text = ngettext("%(n)d run %(verb)s", "%(n)d runs %(verb)s", outcome.done) % {
-            "n": outcome.done,
-            "verb": verb,
-        }
-        if outcome.skipped:
-            text += "; " + ngettext("%(n)d skipped (%(why)s)", "%(n)d skipped (%(why)s)", outcome.skipped) % {
-                "n": outcome.skipped,
-                "why": why,
-            }
-        level = messages.SUCCESS if outcome.done else messages.WARNING
-        self.message_user(request, text + ".", level)
+    def _act(self, request: HttpRequest, run_ids: Iterable[Any], name: str) -> None:
+        action, report = RUN_ACTIONS[name]
+        self._report(request, action(run_ids), report)
 
     # -- views -----------------------------------------------------------------------------
 
@@ -317,8 +363,7 @@ class RunAdmin(_ReadOnlyAdmin):
         if not_post:
             return not_post
         run = get_object_or_404(Run, pk=_as_uuid(object_id) or _not_found())
-        action = RUN_ACTIONS[name][0]
-        self._report(request, action([run.pk]), name)
+        self._act(request, [run.pk], name)
         return HttpResponseRedirect(reverse("admin:django_events_run_change", args=[run.pk]))
 
     def change_view(
@@ -381,7 +426,7 @@ class RunAdmin(_ReadOnlyAdmin):
             **self.admin_site.each_context(request),
             "title": _("Events overview"),
             "opts": self.opts,
-            "statuses": [(status, _status_badge(status)) for status in RunStatus.values],
+            "statuses": [(status, _badge(status)) for status in RunStatus.values],
             "windows": windows,
             "dead_runs": dead,
             "dead_count": Run.objects.dead()[: CappedCountPaginator.cap + 1].count(),
@@ -389,10 +434,6 @@ class RunAdmin(_ReadOnlyAdmin):
             "attention": [RunStatus.DEAD],
         }
         return TemplateResponse(request, "admin/django_events/overview.html", context)
-
-
-def _status_badge_for_outcome(outcome: str) -> SafeString:
-    return format_html('<span class="de-badge de-badge-{}">{}</span>', outcome, outcome.replace("_", " "))
 
 
 @admin.register(Event)
@@ -416,11 +457,7 @@ class EventAdmin(_ReadOnlyAdmin):
         counts: Counter[str] = getattr(event, "run_counts", None) or Counter()
         return _include(
             "run_counts",
-            {
-                "counts": [
-                    (counts[status], _status_badge(status)) for status in RunStatus.values if counts[status]
-                ]
-            },
+            {"counts": [(counts[status], _badge(status)) for status in RunStatus.values if counts[status]]},
         )
 
     @admin.display(description=_("data"))
@@ -436,7 +473,7 @@ class EventAdmin(_ReadOnlyAdmin):
                 "runs": [
                     (
                         run,
-                        _status_badge(run.status),
+                        _badge(run.status),
                         run.last_error
                         if run.status not in FINAL_STATUSES or run.status == RunStatus.DEAD
                         else "",
@@ -537,25 +574,6 @@ class EventAdmin(_ReadOnlyAdmin):
 
 # -- the database broker's messages ----------------------------------------------------------------
 
-#: The run status whose badge colour each message state borrows (``admin.css`` styles run statuses).
-MESSAGE_BADGES: dict[str, str] = {
-    QueuedMessageState.READY: RunStatus.PENDING,
-    QueuedMessageState.TAKEN: RunStatus.RUNNING,
-    QueuedMessageState.DEAD: RunStatus.DEAD,
-}
-#: The message actions: what does the work, and how the report names what was done and skipped.
-MESSAGE_ACTIONS: dict[str, tuple[Callable[[Iterable[int], str], control.Outcome], Any, Any]] = {
-    "requeue": (control.requeue_dead_messages, _("requeued"), _("not dead")),
-    "delete": (control.delete_dead_messages, _("deleted"), _("not dead")),
-}
-
-
-def _state_badge(state: str) -> SafeString:
-    label = QueuedMessageState(state).label if state in QueuedMessageState.values else state
-    return format_html(
-        '<span class="de-badge de-badge-{}">{}</span>', MESSAGE_BADGES.get(state, state), label
-    )
-
 
 def _decode_body(queued: QueuedMessage) -> dramatiq.Message[Any] | None:
     """The Dramatiq message a row holds, or ``None`` if its body does not decode (never raises)."""
@@ -616,7 +634,7 @@ class QueuedMessageAdmin(_ReadOnlyAdmin):
 
     @admin.display(description=_("state"), ordering="state")
     def state_badge(self, queued: QueuedMessage) -> SafeString:
-        return _state_badge(queued.state)
+        return _badge(queued.state, QueuedMessageState)
 
     @admin.display(description=_("run"))
     def run_link(self, queued: QueuedMessage) -> StrOrPromise:
@@ -676,15 +694,5 @@ class QueuedMessageAdmin(_ReadOnlyAdmin):
         self._act(request, queryset, "delete")
 
     def _act(self, request: HttpRequest, queryset: QuerySet[QueuedMessage], name: str) -> None:
-        action, verb, why = MESSAGE_ACTIONS[name]
-        outcome = action(queryset.values_list("pk", flat=True), queryset.db)
-        text = ngettext("%(n)d message %(verb)s", "%(n)d messages %(verb)s", outcome.done) % {
-            "n": outcome.done,
-            "verb": verb,
-        }
-        if outcome.skipped:
-            text += "; " + ngettext("%(n)d skipped (%(why)s)", "%(n)d skipped (%(why)s)", outcome.skipped) % {
-                "n": outcome.skipped,
-                "why": why,
-            }
-        self.message_user(request, text + ".", messages.SUCCESS if outcome.done else messages.WARNING)
+        action, report = MESSAGE_ACTIONS[name]
+        self._report(request, action(queryset.values_list("pk", flat=True), queryset.db), report)

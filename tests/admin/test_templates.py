@@ -6,12 +6,13 @@ from pathlib import Path
 
 import pytest
 from django.conf import settings
+from django.contrib import messages
 from django.test import override_settings
 from django.urls import reverse
 from django.utils import timezone
 
 import django_events
-from django_events.models import Attempt, Run
+from django_events.models import Attempt, AttemptOutcome, Run
 from django_events.testing import run_all
 
 INCLUDES = Path("admin") / "django_events" / "includes"
@@ -88,3 +89,43 @@ def test_a_run_not_yet_attempted_says_so(admin_client, db):
     # Then the attempts say there is none yet, and no table is drawn
     assert "No attempt yet." in page
     assert 'class="de-attempts"' not in page
+
+
+def test_every_attempt_outcome_has_a_labelled_badge(admin_client, dead):
+    # Given a run whose history holds an attempt of every outcome
+    started = timezone.now()
+    for number, outcome in enumerate(AttemptOutcome.values, start=4):
+        Attempt.objects.create(
+            run=dead, number=number, started_at=started, finished_at=started, outcome=outcome
+        )
+
+    # When its page is opened
+    page = _run_page(admin_client, dead)
+
+    # Then each outcome shows with its label, coloured by its own class
+    for outcome in AttemptOutcome:
+        assert f'<span class="de-badge de-badge-{outcome.value}">{outcome.label}</span>' in page
+    assert '<span class="de-badge de-badge-timed_out">timed out</span>' in page
+
+
+@pytest.mark.parametrize(
+    ("selected", "text", "level"),
+    [
+        ("dead", "1 run retried.", messages.SUCCESS),
+        ("pending", "0 runs retried; 1 skipped (not dead, cancelled or succeeded).", messages.WARNING),
+    ],
+)
+def test_an_action_reports_done_and_skipped_as_success_or_warning(admin_client, dead, selected, text, level):
+    # Given a dead run and a pending one
+    django_events.send("test/ok")
+    runs = {"dead": dead, "pending": Run.objects.get(function="tests.ok")}
+
+    # When the operator retries one of them
+    response = admin_client.post(
+        reverse("admin:django_events_run_changelist"),
+        {"action": "retry_selected", "_selected_action": [str(runs[selected].pk)]},
+        follow=True,
+    )
+
+    # Then the report counts it as done or skipped, as a success or a warning
+    assert [(str(message), message.level) for message in response.context["messages"]] == [(text, level)]
