@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import importlib
 
+import dramatiq
 from django.apps import AppConfig, apps
 from django.utils.module_loading import autodiscover_modules
+from dramatiq.middleware import CurrentMessage
 
 from .exceptions import ConfigurationError
-
-if TYPE_CHECKING:
-    import dramatiq
 
 __all__ = ["DjangoEventsConfig"]
 
@@ -45,16 +44,19 @@ def check_installed_apps() -> None:
 
 
 def install_broker_middleware(broker: dramatiq.Broker | None = None) -> None:
-    """Declare the run actor on ``broker`` (default: the global one) and add ``EventsMiddleware``, once.
+    """Declare the run actor on ``broker`` (default: the global one) and add our middleware, once.
 
-    Call it yourself only if you replace the global broker after startup (in tests, say).
+    The middleware: ``EventsMiddleware`` (recovery loop, worker connections) and
+    Dramatiq's ``CurrentMessage``, from which the actor reads its message's time
+    limit. Call it yourself only if you replace the global broker after startup
+    (in tests, say).
     """
-    import dramatiq
-
-    from .middleware import EventsMiddleware
-    from .tasks import get_actor
-
+    # The worker's modules import the models: they load here, once the app registry is ready,
+    # not when Django imports this module to find the app config.
+    tasks = importlib.import_module("django_events.tasks")
+    middleware = importlib.import_module("django_events.middleware")
     broker = broker or dramatiq.get_broker()
-    get_actor(broker)
-    if not any(isinstance(m, EventsMiddleware) for m in broker.middleware):
-        broker.add_middleware(EventsMiddleware())
+    tasks.get_actor(broker)
+    for kind in (middleware.EventsMiddleware, CurrentMessage):
+        if not any(isinstance(m, kind) for m in broker.middleware):
+            broker.add_middleware(kind())

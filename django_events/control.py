@@ -8,21 +8,17 @@ transaction commits.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import dramatiq
 from django.db import connections, router, transaction
-from django.db.models import F
 from django.utils import timezone
 
+from . import dispatch, ledger
 from .broker import DatabaseBroker
-from .conf import get_settings
-from .models import Event, QueuedMessage, QueuedMessageState, Run, RunStatus, sources_of
-from .registry import get_function
-from .sending import enqueue_with_transaction, new_runs
+from .models import Event, QueuedMessage, QueuedMessageState, Run
 
 __all__ = [
     "Outcome",
@@ -51,37 +47,10 @@ def retry_runs(run_ids: Iterable[Any]) -> Outcome:
     """
     ids = list(dict.fromkeys(run_ids))
     using = router.db_for_write(Run)
-    now = timezone.now()
-    done = 0
     with transaction.atomic(using=using):
-        eligible = (
-            Run.objects.using(using)
-            .select_for_update()
-            .filter(pk__in=ids, status__in=sources_of(RunStatus.PENDING))
-            .values_list("pk", "function")
-        )
-        by_function: dict[str, list[Any]] = defaultdict(list)
-        for pk, function_id in eligible:
-            by_function[function_id].append(pk)
-        refs: list[tuple[Any, str]] = []
-        for function_id, pks in by_function.items():
-            spec = get_function(function_id)
-            allowance = spec.max_attempts() if spec is not None else 1 + get_settings().DEFAULT_RETRIES
-            done += (
-                Run.objects.using(using)
-                .filter(pk__in=pks)
-                .move(
-                    RunStatus.PENDING,
-                    max_attempts=F("attempts") + allowance,
-                    due_at=now,
-                    finished_at=None,
-                    lease_expires_at=None,
-                    result=None,
-                )
-            )
-            refs.extend((pk, function_id) for pk in pks)
-        enqueue_with_transaction(refs, using)
-    return Outcome(done=done, skipped=len(ids) - done)
+        moved = ledger.retry(ids, using=using, now=timezone.now())
+        dispatch.send_with_transaction(moved, using)
+    return Outcome(done=len(moved), skipped=len(ids) - len(moved))
 
 
 def cancel_runs(run_ids: Iterable[Any]) -> Outcome:
@@ -90,12 +59,7 @@ def cancel_runs(run_ids: Iterable[Any]) -> Outcome:
     Running and final runs are skipped.
     """
     ids = list(dict.fromkeys(run_ids))
-    using = router.db_for_write(Run)
-    done = (
-        Run.objects.using(using)
-        .filter(pk__in=ids)
-        .move(RunStatus.CANCELLED, finished_at=timezone.now(), due_at=None, lease_expires_at=None)
-    )
+    done = ledger.cancel(ids, using=router.db_for_write(Run), now=timezone.now())
     return Outcome(done=done, skipped=len(ids) - done)
 
 
@@ -106,11 +70,11 @@ def replay_event(event: Event) -> list[Run]:
     (none if no function subscribes to the name any more).
     """
     using = router.db_for_write(Run)
-    runs = new_runs(event, timezone.now())
+    runs = ledger.new_runs(event, timezone.now())
     if runs:
         with transaction.atomic(using=using):
-            Run.objects.using(using).bulk_create(runs)
-            enqueue_with_transaction([(run.pk, run.function) for run in runs], using, group=True)
+            ledger.insert([], runs, using)
+            dispatch.send_with_transaction([(run.pk, run.function) for run in runs], using, group=True)
     return runs
 
 

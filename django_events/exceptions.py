@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from django.core.exceptions import ImproperlyConfigured
 
 __all__ = [
@@ -52,11 +54,20 @@ class NonRetriableError(DjangoEventsError):
 class RetryAfterError(DjangoEventsError):
     """Raised by a function to be retried after exactly ``seconds`` (retries still count).
 
-    ``RetryAfterError(30)`` or ``RetryAfterError(30, "rate limited")``.
+    ``RetryAfterError(30)`` or ``RetryAfterError(30, "rate limited")``. A delay
+    longer than ``MAX_SECONDS`` (a year) is cut to it; a negative, infinite or NaN
+    delay is refused with ``ValueError`` (which the run then records as its failure).
     """
 
+    #: The longest delay a run can ask for, in seconds: 366 days.
+    MAX_SECONDS = 366 * 24 * 3600.0
+
     def __init__(self, seconds: float, message: str = "") -> None:
-        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds < 0:
-            raise TypeError(f"RetryAfterError needs a non-negative number of seconds, not {seconds!r}.")
-        self.seconds = float(seconds)
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+            raise TypeError(f"RetryAfterError needs a number of seconds, not {type(seconds).__name__}.")
+        if not math.isfinite(seconds) or seconds < 0:
+            raise ValueError(
+                f"RetryAfterError needs a finite, non-negative number of seconds, not {seconds!r}."
+            )
+        self.seconds = min(float(seconds), self.MAX_SECONDS)
         super().__init__(message or f"retry requested in {self.seconds:g}s")

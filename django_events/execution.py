@@ -8,10 +8,12 @@ worker that lost its lease cannot overwrite a newer attempt's outcome.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import enum
 import json
 import logging
+import math
 import os
 import random
 import socket
@@ -22,12 +24,12 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
-from django.db import IntegrityError, router, transaction
+from django.db import DatabaseError, connections, router, transaction
 from django.utils import timezone
 from dramatiq.middleware.shutdown import Shutdown
 from dramatiq.middleware.time_limit import TimeLimitExceeded
 
-from . import hotpath, signals
+from . import dispatch, ledger, signals
 from .conf import get_settings
 from .exceptions import (
     FunctionNotFoundError,
@@ -36,8 +38,9 @@ from .exceptions import (
     RetryAfterError,
 )
 from .models import WAITING_STATUSES, Attempt, AttemptOutcome, Run, RunStatus
-from .registry import Context, Function, get_function
-from .sending import enqueue_with_transaction
+from .registry import Context, get_function, time_limit_ms_for
+from .sending import send
+from .text import clip, short_repr, storable, storable_json
 
 __all__ = ["RUN_DEAD_EVENT", "Execution", "Failure", "backoff_delay", "classify", "execute_run", "record"]
 
@@ -98,10 +101,9 @@ def backoff_delay(attempt: int) -> float:
     return min(conf.RETRY_BACKOFF_MAX, random.uniform(base, base * 1.5))
 
 
-def lease_seconds(spec: Function | None) -> float:
-    """How long a worker holds a run: the function's time limit plus ``LEASE_MARGIN``."""
-    limit_ms = spec.time_limit_ms() if spec is not None else get_settings().default_time_limit_ms
-    return lease_for_time_limit(limit_ms)
+def lease_seconds(function_id: str) -> float:
+    """How long a worker holds a run of ``function_id``: its time limit plus ``LEASE_MARGIN``."""
+    return lease_for_time_limit(time_limit_ms_for(function_id))
 
 
 def lease_for_time_limit(time_limit_ms: float | None) -> float:
@@ -123,8 +125,8 @@ def execute_run(
             helpers turn this off and run retries themselves).
         lease: seconds the worker holds the run, if known before reading it (the
             actor knows it from its message's time limit): then one statement claims
-            the run and reads it with its event. Otherwise the run is read first and
-            the lease comes from its function.
+            the run and reads it with its event. Otherwise the run's function is
+            read first and the lease comes from it.
 
     A run that cannot be claimed (unknown, final, held by a live lease) is
     skipped, so duplicate deliveries of a message are harmless.
@@ -132,35 +134,23 @@ def execute_run(
     try:
         run_id = uuid.UUID(str(run_id))
     except ValueError:
-        logger.warning("Dropped a message for run %r: not a run id.", run_id)
+        logger.warning("Dropped a message for run %s: not a run id.", short_repr(run_id))
         return Execution.SKIPPED
     using = router.db_for_write(Run)
     now = timezone.now()
-    run: Run | None = None
-    if lease is not None and hotpath.supported(using):
-        run = hotpath.claim(
-            run_id, using=using, now=now, lease_until=now + dt.timedelta(seconds=lease), ignore_due=ignore_due
-        )
-    if run is not None:
-        attempt = run.attempts
-        spec = get_function(run.function)
-    else:
-        # Not claimed at once: find out why, or claim it the long way.
-        run = Run.objects.using(using).select_related("event").filter(pk=run_id).first()
-        if run is None:
+    if lease is None:
+        function_id = Run.objects.using(using).filter(pk=run_id).values_list("function", flat=True).first()
+        if function_id is None:
             logger.warning("Dropped a message for run %s: no such run.", run_id)
             return Execution.SKIPPED
-        if run.status in WAITING_STATUSES and run.due_at and run.due_at > now and not ignore_due:
-            # Early: a duplicate message, or a delayed one cut short by the broker's maximum delay.
-            if enqueue:
-                _enqueue(run, delay=(run.due_at - now).total_seconds())
-            return Execution.SKIPPED
-        spec = get_function(run.function)
-        attempt = run.attempts + 1
-        if _claim(run, using=using, now=now, ignore_due=ignore_due, lease=lease_seconds(spec)) is None:
-            logger.debug("Skipped run %s (%s): not claimable.", run.pk, run.status)
-            return Execution.SKIPPED
-
+        lease = lease_seconds(function_id)
+    run = ledger.claim(
+        run_id, using=using, now=now, lease_until=now + dt.timedelta(seconds=lease), ignore_due=ignore_due
+    )
+    if run is None:
+        _not_claimed(run_id, using=using, now=now, ignore_due=ignore_due, enqueue=enqueue)
+        return Execution.SKIPPED
+    attempt = run.attempts
     log = _RunLogger(
         logging.getLogger("django_events.functions"),
         {"run_id": str(run.pk), "function": run.function, "event": run.event.name, "attempt": attempt},
@@ -173,69 +163,74 @@ def execute_run(
         attempt,
         run.max_attempts,
     )
-    started = now
-    failure: Failure | None = None
-    stored_result: Any = None
+    result, failure = _call(run, attempt, log)
+    return record(run, attempt, now, result, failure, using=using, enqueue=enqueue)
+
+
+def _not_claimed(run_id: uuid.UUID, *, using: str, now: dt.datetime, ignore_due: bool, enqueue: bool) -> None:
+    """Say why run ``run_id`` could not be claimed; send an early message of a waiting run again."""
+    run = Run.objects.using(using).filter(pk=run_id).only("function", "status", "due_at").first()
+    if run is None:
+        logger.warning("Dropped a message for run %s: no such run.", run_id)
+        return
+    if run.status in WAITING_STATUSES and run.due_at and run.due_at > now and not ignore_due:
+        # Early: a duplicate message, or a delayed one cut short by the broker's maximum delay.
+        if enqueue:
+            try:
+                dispatch.send_now([(run.pk, run.function)], delay=(run.due_at - now).total_seconds())
+            except Exception:
+                logger.exception(
+                    "Could not enqueue run %s of %s; it stays %s in the database.",
+                    run.pk,
+                    run.function,
+                    run.status,
+                )
+        return
+    logger.debug("Skipped run %s (%s): not claimable.", run.pk, run.status)
+
+
+def _call(run: Run, attempt: int, log: logging.LoggerAdapter[logging.Logger]) -> tuple[Any, Failure | None]:
+    """Call the run's function; return its result (as JSON will store it) or how it failed."""
+    spec = get_function(run.function)
     if spec is None:
-        failure = Failure(
-            FunctionNotFoundError(
-                f"No function is registered with the id {run.function!r}: was it removed or renamed? "
-                "Retry this run once the function is deployed again."
-            ),
-            AttemptOutcome.FAILED,
-            None,
+        error = FunctionNotFoundError(
+            f"No function is registered with the id {run.function!r}: was it removed or renamed? "
+            "Retry this run once the function is deployed again."
         )
-    else:
-        ctx = Context(
-            event=run.event,
-            run_id=run.pk,
-            attempt=attempt,
-            max_attempts=run.max_attempts,
-            function_id=run.function,
-            logger=log,
-        )
-        try:
-            stored_result = _json_result(spec.fn(ctx))
-        except (Exception, TimeLimitExceeded) as exc:
-            failure = classify(exc, attempt, run.max_attempts)
-        except Shutdown as exc:
-            # The worker is stopping (ShutdownNotifications): put the run back, due at once.
-            failure = Failure(exc, AttemptOutcome.INTERRUPTED, 0.0, refund=True)
-        # Any other BaseException (KeyboardInterrupt, SystemExit) is a dying process: the
-        # run stays running until its lease expires, then recovery takes it back.
-    return record(run, attempt, started, stored_result, failure, using=using, enqueue=enqueue)
-
-
-def _claim(run: Run, *, using: str, now: dt.datetime, ignore_due: bool, lease: float) -> dt.datetime | None:
-    """Take ``run`` for one attempt if it is still as we read it (compare and swap on attempts).
-
-    Returns when the attempt started, or ``None`` if another worker got there first.
-    """
-    changes: dict[str, Any] = {
-        "attempts": run.attempts + 1,
-        "lease_expires_at": now + dt.timedelta(seconds=lease),
-        "attempt_started_at": now,
-    }
-    if run.started_at is None:
-        changes["started_at"] = now
-    moved = (
-        Run.objects.using(using)
-        .filter(pk=run.pk, attempts=run.attempts)
-        .claimable(now, ignore_due=ignore_due)
-        .move(RunStatus.RUNNING, **changes)
+        return None, Failure(error, AttemptOutcome.FAILED, None)
+    ctx = Context(
+        event=run.event,
+        run_id=run.pk,
+        attempt=attempt,
+        max_attempts=run.max_attempts,
+        function_id=run.function,
+        logger=log,
     )
-    return now if moved == 1 else None
+    try:
+        return _json_result(spec.fn(ctx)), None
+    except Shutdown as exc:
+        # The worker is stopping (ShutdownNotifications): put the run back, due at once.
+        return None, Failure(exc, AttemptOutcome.INTERRUPTED, 0.0, refund=True)
+    except BaseException as exc:
+        # Exceptions, time limits, and any other BaseException: Dramatiq's worker thread catches
+        # those and carries on, so the run must not be left running.
+        return None, classify(exc, attempt, run.max_attempts)
 
 
 def _json_result(value: Any) -> Any:
+    """``value`` as the database will store it (JSON), with what no database accepts replaced."""
     try:
-        text = json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError) as exc:
+        text = json.dumps(value, allow_nan=False, ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError) as exc:
         raise ResultNotSerializableError(
-            f"The function returned a value that JSON cannot hold ({type(value).__name__}): {exc}. "
-            "Return JSON-serialisable data (dicts, lists, strings, numbers, booleans, None)."
+            f"The function returned a value that JSON cannot hold ({type(value).__name__}): "
+            f"{_safe_str(exc)}. Return JSON-serialisable data (dicts, lists, strings, numbers, "
+            "booleans, None)."
         ) from exc
-    return json.loads(text)
+    clean = storable_json(text)
+    if clean != text:
+        logger.warning("A result held NUL characters or lone surrogates; they are stored as U+FFFD.")
+    return json.loads(clean)
 
 
 def classify(exc: BaseException, attempt: int, max_attempts: int) -> Failure:
@@ -245,13 +240,38 @@ def classify(exc: BaseException, attempt: int, max_attempts: int) -> Failure:
     if isinstance(exc, (NonRetriableError, ResultNotSerializableError)) or attempt >= max_attempts:
         return Failure(exc, outcome, None)
     if isinstance(exc, RetryAfterError):
-        return Failure(exc, outcome, exc.seconds)
+        seconds = getattr(exc, "seconds", None)  # a subclass may have changed it after checking
+        if isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds >= 0:
+            return Failure(exc, outcome, min(float(seconds), RetryAfterError.MAX_SECONDS))
     return Failure(exc, outcome, backoff_delay(attempt))
 
 
 def _exc_type(exc: BaseException) -> str:
     cls = type(exc)
-    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    name = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    return storable(name)[:255]
+
+
+def _safe_str(exc: BaseException) -> str:
+    """``str(exc)``, or what to say instead when that raises."""
+    try:
+        return str(exc)
+    except Exception as error:
+        return f"<str() of this {type(exc).__name__} raised {type(error).__name__}>"
+
+
+def _traceback_text(exc: BaseException) -> str:
+    try:
+        return "".join(traceback.format_exception(exc))
+    except Exception as error:  # a broken exception chain, say: keep what can be had
+        frames = "".join(traceback.format_tb(exc.__traceback__))
+        return f"{frames}<the traceback could not be formatted in full: {type(error).__name__}>"
+
+
+#: The most characters of an exception's message, and of its traceback, kept on an attempt
+#: (the start and the end are kept, with a marker saying how much was cut).
+MESSAGE_LENGTH = 10_000
+TRACEBACK_LENGTH = 100_000
 
 
 def record(
@@ -264,13 +284,22 @@ def record(
     using: str,
     enqueue: bool = True,
 ) -> Execution:
-    """Store how attempt ``attempt`` of ``run`` ended, fenced on the attempt number.
+    """Store how attempt ``attempt`` of ``run`` ended, fenced on the attempt number (``ledger.record``).
 
-    One transaction: the run's new status, the ``Attempt`` row, and for a dead
-    run the ``django_events/run.dead`` event. After commit: the retry's message
-    (if ``enqueue``) and the signals. If another worker has taken the run over
-    meanwhile, nothing of the run is changed (the attempt is still kept in the
-    history if its number is free) and ``Execution.STALE`` is returned.
+    A success is one statement. A failure is one transaction: the run's new
+    status, the ``Attempt`` row, the retry's message (sent on commit, or written
+    in the transaction by ``DatabaseBroker``; not if ``enqueue`` is false), and for
+    a dead run the ``django_events/run.dead`` event. After commit: the signals.
+
+    The exception's type, message and traceback are stored as text any database
+    accepts (NUL and lone surrogates replaced, over-long text cut with a marker).
+    If the database still refuses the outcome, a reduced record is stored instead
+    (the type, a short message, no traceback or result): the run never stays
+    ``running`` because of what its function returned or raised.
+
+    If another worker has taken the run over meanwhile, nothing of the run is
+    changed (the attempt is still kept in the history if its number is free) and
+    ``Execution.STALE`` is returned.
     """
     finished = timezone.now()
     attempt_row = Attempt(
@@ -281,50 +310,20 @@ def record(
         worker_host=_hostname(),
         worker_pid=os.getpid(),
     )
-    changes: dict[str, Any] = {"lease_expires_at": None}
-    if failure is None:
-        to, execution = RunStatus.SUCCEEDED, Execution.SUCCEEDED
-        attempt_row.outcome = AttemptOutcome.SUCCEEDED
-        changes.update(result=result, finished_at=finished, due_at=None)
-    else:
-        exc = failure.exc
-        attempt_row.outcome = failure.outcome
-        attempt_row.exc_type = _exc_type(exc)[:255]
-        attempt_row.message = str(exc) or _DEFAULT_MESSAGES.get(failure.outcome, "")
-        attempt_row.traceback = "".join(traceback.format_exception(exc))
-        changes["last_error"] = f"{attempt_row.exc_type}: {attempt_row.message}"[:LAST_ERROR_LENGTH]
-        if failure.refund:
-            changes["max_attempts"] = run.max_attempts + 1
-        if failure.retry_in is None:
-            to, execution = RunStatus.DEAD, Execution.DEAD
-            changes.update(finished_at=finished, due_at=None)
-        else:
-            to, execution = RunStatus.RETRYING, Execution.RETRYING
-            changes["due_at"] = finished + dt.timedelta(seconds=failure.retry_in)
-
-    if failure is None and hotpath.supported(using):
-        # The common case, in one statement: nothing else goes in its transaction.
-        moved = int(hotpath.record_success(run, attempt_row, result, using))
-        if moved:
-            _apply(run, to, attempt, changes)
-    else:
-        with transaction.atomic(using=using):
-            moved = (
-                Run.objects.using(using)
-                .filter(pk=run.pk, attempts=attempt, status=RunStatus.RUNNING)
-                .move(to, **changes)
-            )
-            if moved:
-                attempt_row.save(using=using, force_insert=True)
-                _apply(run, to, attempt, changes)
-                if to == RunStatus.RETRYING and enqueue:
-                    delay = (changes["due_at"] - finished).total_seconds()
-                    enqueue_with_transaction([(run.pk, run.function)], using, delay=delay)
-                if to == RunStatus.DEAD and run.event_name != RUN_DEAD_EVENT:
-                    _send_dead_event(run, attempt)
+    outcome = _Outcome.of(failure, result, finished)
+    try:
+        moved = _store(run, attempt_row, outcome, using=using, enqueue=enqueue)
+    except DatabaseError as error:
+        logger.exception(
+            "Run %s of %s: the database refused the outcome of attempt %d; storing a reduced record.",
+            run.pk,
+            run.function,
+            attempt,
+        )
+        moved = _store(run, attempt_row, outcome.reduced(error), using=using, enqueue=enqueue)
 
     if not moved:
-        _keep_stale_attempt(attempt_row, using)
+        ledger.keep_stale_attempt(attempt_row, using)
         logger.warning(
             "Run %s of %s: attempt %d finished after another worker took the run over; "
             "its outcome (%s) was not applied.",
@@ -334,9 +333,93 @@ def record(
             attempt_row.outcome,
         )
         return Execution.STALE
-    _log_outcome(run, attempt, execution, failure, changes)
+    execution = _EXECUTIONS[outcome.to]
+    _log_outcome(run, attempt_row, execution)
     _send_signals(run, attempt_row, execution, result, failure)
     return execution
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """What an attempt's record writes: the run's new status and the attempt's texts, storable."""
+
+    to: str
+    outcome: str
+    result: Any = None
+    exc_type: str = ""
+    message: str = ""
+    traceback: str = ""
+    due_at: dt.datetime | None = None
+    refund: bool = False
+
+    @classmethod
+    def of(cls, failure: Failure | None, result: Any, finished: dt.datetime) -> _Outcome:
+        if failure is None:
+            return cls(RunStatus.SUCCEEDED, AttemptOutcome.SUCCEEDED, result=result)
+        exc = failure.exc
+        message = _safe_str(exc) or _DEFAULT_MESSAGES.get(failure.outcome, "")
+        return cls(
+            RunStatus.DEAD if failure.retry_in is None else RunStatus.RETRYING,
+            failure.outcome,
+            exc_type=_exc_type(exc),
+            message=clip(storable(message), MESSAGE_LENGTH),
+            traceback=clip(storable(_traceback_text(exc)), TRACEBACK_LENGTH),
+            due_at=None if failure.retry_in is None else finished + dt.timedelta(seconds=failure.retry_in),
+            refund=failure.refund,
+        )
+
+    def reduced(self, error: DatabaseError) -> _Outcome:
+        """The same move with the least text: what to store when the database refused the whole."""
+        what = "result" if self.to == RunStatus.SUCCEEDED else "traceback"
+        note = f"[the database refused this attempt's {what}: {type(error).__name__}]"
+        message = f"{self.message[:200]} {note}" if self.message else note
+        return dataclasses.replace(
+            self, result=None, exc_type=storable(self.exc_type), message=storable(message), traceback=""
+        )
+
+    @property
+    def last_error(self) -> str | None:
+        if self.to == RunStatus.SUCCEEDED:
+            return None
+        return f"{self.exc_type}: {self.message}"[:LAST_ERROR_LENGTH]
+
+
+#: What ``execute_run`` reports for each status a record moves a run to.
+_EXECUTIONS: dict[str, Execution] = {
+    RunStatus.SUCCEEDED: Execution.SUCCEEDED,
+    RunStatus.RETRYING: Execution.RETRYING,
+    RunStatus.DEAD: Execution.DEAD,
+}
+
+
+def _store(run: Run, attempt_row: Attempt, outcome: _Outcome, *, using: str, enqueue: bool) -> bool:
+    """Write ``outcome`` (with the retry's message or the run.dead event); whether the fence held."""
+    attempt_row.outcome = outcome.outcome
+    attempt_row.exc_type, attempt_row.message, attempt_row.traceback = (
+        outcome.exc_type,
+        outcome.message,
+        outcome.traceback,
+    )
+    if outcome.to == RunStatus.SUCCEEDED and not connections[using].in_atomic_block:
+        # The common case: one statement in autocommit, nothing else to write with it.
+        return ledger.record(run, attempt_row, outcome.to, using=using, result=outcome.result)
+    with transaction.atomic(using=using):  # a savepoint, inside a caller's transaction
+        moved = ledger.record(
+            run,
+            attempt_row,
+            outcome.to,
+            using=using,
+            result=outcome.result,
+            last_error=outcome.last_error,
+            due_at=outcome.due_at,
+            refund=outcome.refund,
+        )
+        if moved and outcome.due_at is not None and enqueue:
+            delay = (outcome.due_at - attempt_row.finished_at).total_seconds()
+            dispatch.send_with_transaction([(run.pk, run.function)], using, delay=delay)
+        if moved and outcome.to == RunStatus.DEAD and run.event_name != RUN_DEAD_EVENT:
+            _send_dead_event(run, attempt_row.number)
+    return moved
 
 
 _DEFAULT_MESSAGES: dict[str, str] = {
@@ -346,8 +429,6 @@ _DEFAULT_MESSAGES: dict[str, str] = {
 
 
 def _send_dead_event(run: Run, attempt: int) -> None:
-    from .sending import send
-
     send(
         RUN_DEAD_EVENT,
         {
@@ -405,47 +486,21 @@ def _send_signals(
                 )
 
 
-def _apply(run: Run, to: str, attempt: int, changes: dict[str, Any]) -> None:
-    """Bring the ``run`` object up to date with the move just stored."""
-    for field, value in changes.items():
-        setattr(run, field, value)
-    run.status, run.attempts = to, attempt
-
-
-def _keep_stale_attempt(attempt_row: Attempt, using: str) -> None:
-    """Keep a late attempt's history unless its number is already recorded."""
-    try:
-        with transaction.atomic(using=using):
-            attempt_row.save(using=using, force_insert=True)
-    except IntegrityError:
-        pass
-
-
-def _log_outcome(
-    run: Run, attempt: int, execution: Execution, failure: Failure | None, changes: dict[str, Any]
-) -> None:
-    args = (run.pk, run.function, run.event.name, attempt)
-    if failure is None:
+def _log_outcome(run: Run, attempt_row: Attempt, execution: Execution) -> None:
+    """One line per outcome; a failure's with its traceback as stored (storable, and cut if huge)."""
+    args = (run.pk, run.function, run.event.name, attempt_row.number)
+    if execution is Execution.SUCCEEDED:
         logger.info("Run %s of %s for %s succeeded (attempt %d).", *args)
-        return
-    exc_info = (type(failure.exc), failure.exc, failure.exc.__traceback__)
-    if execution is Execution.RETRYING:
+    elif execution is Execution.RETRYING:
         logger.warning(
-            "Run %s of %s for %s failed (attempt %d); retrying at %s.",
+            "Run %s of %s for %s failed (attempt %d); retrying at %s.\n%s",
             *args,
-            changes["due_at"].isoformat(),
-            exc_info=exc_info,
+            run.due_at.isoformat() if run.due_at else "-",
+            attempt_row.traceback.rstrip() or attempt_row.message,
         )
     else:
-        logger.error("Run %s of %s for %s is dead after attempt %d.", *args, exc_info=exc_info)
-
-
-def _enqueue(run: Run, *, delay: float) -> None:
-    from .tasks import enqueue_run
-
-    try:
-        enqueue_run(run.pk, run.function, delay=delay)
-    except Exception:
-        logger.exception(
-            "Could not enqueue run %s of %s; it stays %s in the database.", run.pk, run.function, run.status
+        logger.error(
+            "Run %s of %s for %s is dead after attempt %d.\n%s",
+            *args,
+            attempt_row.traceback.rstrip() or attempt_row.message,
         )

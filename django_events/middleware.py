@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Any
 
@@ -13,14 +12,7 @@ from dramatiq.middleware import Middleware
 from .conf import get_settings
 from .recovery import RecoveryLoop
 
-__all__ = ["EventsMiddleware", "current_message", "release_connections"]
-
-_current = threading.local()
-
-
-def current_message() -> dramatiq.MessageProxy | None:
-    """The message this worker thread is processing, if any."""
-    return getattr(_current, "message", None)
+__all__ = ["EventsMiddleware", "release_connections"]
 
 
 class EventsMiddleware(Middleware):
@@ -47,7 +39,6 @@ class EventsMiddleware(Middleware):
             loop.stop()
 
     def before_process_message(self, broker: dramatiq.Broker, message: dramatiq.MessageProxy) -> None:
-        _current.message = message
         release_connections()
 
     def after_process_message(
@@ -58,11 +49,9 @@ class EventsMiddleware(Middleware):
         result: Any | None = None,
         exception: BaseException | None = None,
     ) -> None:
-        _current.message = None
         release_connections()
 
     def after_skip_message(self, broker: dramatiq.Broker, message: dramatiq.MessageProxy) -> None:
-        _current.message = None
         release_connections()
 
     def before_worker_thread_shutdown(self, broker: dramatiq.Broker, thread: Any) -> None:

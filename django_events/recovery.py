@@ -29,11 +29,11 @@ from typing import Any
 from django.db import close_old_connections, connections, router, transaction
 from django.utils import timezone
 
+from . import dispatch, ledger
 from .conf import get_settings
 from .exceptions import WorkerLostError
 from .execution import Execution, Failure, backoff_delay, record
 from .models import AttemptOutcome, Run
-from .sending import enqueue_with_transaction
 
 __all__ = ["RecoveryLoop", "RecoveryReport", "recover"]
 
@@ -81,51 +81,28 @@ def recover(
     return report
 
 
-def _locked(queryset: Any, using: str) -> Any:
-    """Lock the runs for this transaction, skipping runs another worker has locked (PostgreSQL)."""
-    features = connections[using].features
-    if not features.has_select_for_update_skip_locked:
-        return queryset  # SQLite: one writer at a time anyway
-    if features.has_select_for_update_of:
-        return queryset.select_for_update(skip_locked=True, of=("self",))
-    return queryset.select_for_update(skip_locked=True)
-
-
 def _requeue_waiting(
     report: RecoveryReport, cutoff: dt.datetime, now: dt.datetime, limit: int, using: str, dry_run: bool
 ) -> None:
-    overdue = Run.objects.using(using).waiting().filter(due_at__lt=cutoff).order_by("due_at")
     if dry_run:
+        overdue = Run.objects.using(using).waiting().filter(due_at__lt=cutoff).order_by("due_at")
         report.requeued.extend(overdue.values_list("pk", "function", "status")[:limit])
         return
     with transaction.atomic(using=using):
-        rows = list(_locked(overdue, using).values_list("pk", "function", "status")[:limit])
-        if not rows:
-            return
-        # Take them: due again now, so that no other pass takes them for another grace period.
-        # The `due_at__lt` condition makes sure that of two racing passes only one gets a row.
-        taken = Run.objects.using(using).filter(pk__in=[pk for pk, _f, _s in rows], due_at__lt=cutoff)
-        taken.update(due_at=now)
-        mine = set(
-            Run.objects.using(using)
-            .filter(pk__in=[pk for pk, _f, _s in rows], due_at=now)
-            .values_list("pk", flat=True)
-        )
-        rows = [row for row in rows if row[0] in mine]
-        enqueue_with_transaction([(pk, function) for pk, function, _status in rows], using)
+        rows = ledger.take_overdue(cutoff=cutoff, now=now, limit=limit, using=using)
+        dispatch.send_with_transaction([(pk, function) for pk, function, _status in rows], using)
     report.requeued.extend(rows)
 
 
 def _recover_lost(report: RecoveryReport, now: dt.datetime, limit: int, using: str, dry_run: bool) -> None:
-    expired = Run.objects.using(using).lease_expired(now).order_by("lease_expires_at")
     if dry_run:
+        expired = Run.objects.using(using).lease_expired(now).order_by("lease_expires_at")
         report.lost.extend(
             (pk, function, "lost") for pk, function in expired.values_list("pk", "function")[:limit]
         )
         return
     with transaction.atomic(using=using):
-        runs = list(_locked(expired.select_related("event"), using)[:limit])
-        for run in runs:
+        for run in ledger.lease_expired(now=now, limit=limit, using=using):
             attempt = run.attempts
             error = WorkerLostError(
                 f"The worker running attempt {attempt} stopped before it finished (killed, out of memory, "

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .conf import get_settings
 from .exceptions import DuplicateFunctionError, EventValidationError
 
 if TYPE_CHECKING:
@@ -19,7 +20,9 @@ __all__ = [
     "function",
     "functions_for",
     "get_function",
+    "max_attempts_for",
     "registered_functions",
+    "time_limit_ms_for",
     "validate_event_name",
 ]
 
@@ -69,8 +72,6 @@ class Function:
 
     def max_attempts(self) -> int:
         """The attempts a new run of this function is allowed (first try plus retries)."""
-        from .conf import get_settings
-
         retries = get_settings().DEFAULT_RETRIES if self.retries is None else self.retries
         return 1 + retries
 
@@ -78,8 +79,6 @@ class Function:
         """The time limit in milliseconds, or ``None`` for Dramatiq's default."""
         if self.time_limit is not None:
             return int(self.time_limit * 1000)
-        from .conf import get_settings
-
         return get_settings().default_time_limit_ms
 
 
@@ -209,6 +208,24 @@ def functions_for(event_name: str) -> tuple[Function, ...]:
 def get_function(function_id: str) -> Function | None:
     """The function registered under ``function_id``, or ``None``."""
     return _functions.get(function_id)
+
+
+def max_attempts_for(function_id: str) -> int:
+    """The attempts a new run of ``function_id`` is allowed: its own setting, or the default.
+
+    A function that is no longer registered gets ``1 + DJANGO_EVENTS["DEFAULT_RETRIES"]``.
+    """
+    spec = _functions.get(function_id)
+    return spec.max_attempts() if spec is not None else 1 + get_settings().DEFAULT_RETRIES
+
+
+def time_limit_ms_for(function_id: str) -> int | None:
+    """The time limit, in ms, of an attempt of ``function_id``: its own, or the default.
+
+    ``None`` leaves Dramatiq's ``TimeLimit`` default in force.
+    """
+    spec = _functions.get(function_id)
+    return spec.time_limit_ms() if spec is not None else get_settings().default_time_limit_ms
 
 
 def registered_functions() -> Iterable[Function]:

@@ -24,7 +24,6 @@ from django.utils import timezone
 
 from .execution import Execution, execute_run, lease_seconds
 from .models import Run, RunStatus
-from .registry import get_function
 
 __all__ = ["RunsDidNotSettle", "run_all", "run_due"]
 
@@ -75,7 +74,7 @@ def run_all(*, max_rounds: int = 100) -> list[Run]:
 
 def _execute(run_id: Any, function_id: str, *, ignore_due: bool = False) -> Execution:
     """Execute a run as a worker would (the lease from its function), without sending retries."""
-    lease = lease_seconds(get_function(function_id))
+    lease = lease_seconds(function_id)
     return execute_run(run_id, ignore_due=ignore_due, enqueue=False, lease=lease)
 
 

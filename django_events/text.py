@@ -14,6 +14,7 @@ __all__ = [
     "REPLACEMENT",
     "SHORT_REPR_LIMIT",
     "clip",
+    "has_nul_escape",
     "has_unstorable",
     "short_repr",
     "storable",
@@ -79,6 +80,11 @@ REPLACEMENT = "\ufffd"
 def has_unstorable(text: str) -> bool:
     """Whether ``text`` holds a NUL character or a surrogate code point."""
     return _UNSTORABLE.search(text) is not None
+
+
+def has_nul_escape(json_text: str) -> bool:
+    """Whether a JSON document's text holds a NUL character (always written as ``\\u0000``)."""
+    return _NUL_ESCAPE.search(json_text) is not None
 
 
 def storable(text: str) -> str:

@@ -23,9 +23,8 @@ from typing import Any
 from django.utils import timezone
 
 import django_events
-from django_events import hotpath
+from django_events import ledger, rawsql
 from django_events.models import Attempt, Event, Run, RunStatus
-from django_events.sending import new_runs
 
 USING = "default"
 LEASE = dt.timedelta(seconds=660)
@@ -37,12 +36,12 @@ class _EventRows:
     def __init__(self) -> None:
         now = timezone.now()
         event = Event(name="bench/noop", data={"n": 0}, created_at=now)
-        [run] = new_runs(event, now)
-        events_sql, event_fields = hotpath._insert_sql(Event, USING, 1)
-        runs_sql, run_fields = hotpath._insert_sql(Run, USING, 1)
+        [run] = ledger.new_runs(event, now)
+        events_sql, event_fields = rawsql.insert_sql(Event, USING, 1)
+        runs_sql, run_fields = rawsql.insert_sql(Run, USING, 1)
         self.sql = f"WITH inserted AS ({events_sql}) {runs_sql}"
-        self.event_values = hotpath._values(event, USING, event_fields)
-        self.run_values = hotpath._values(run, USING, run_fields)
+        self.event_values = rawsql.values(event, USING, event_fields)
+        self.run_values = rawsql.values(run, USING, run_fields)
         self.event_id = [field.attname for field in event_fields].index("id")
         run_names = [field.attname for field in run_fields]
         self.run_id, self.run_event_id = run_names.index("id"), run_names.index("event_id")
@@ -58,7 +57,7 @@ def store_event() -> None:
     event_values, run_values = list(rows.event_values), list(rows.run_values)
     event_values[rows.event_id] = run_values[rows.run_event_id] = uuid.uuid4()
     run_values[rows.run_id] = uuid.uuid4()
-    with hotpath._cursor(USING) as cursor:
+    with rawsql.cursor(USING) as cursor:
         cursor.execute(rows.sql, event_values + run_values)
 
 
@@ -68,13 +67,13 @@ _ATTEMPT_FIELDS = [field.attname for field in Attempt._meta.concrete_fields if n
 
 def run_history(run_id: str) -> None:
     """Claim run ``run_id`` and record its success with its attempt: the hot path's two statements."""
-    claim_sql, _select_event = hotpath._claim_sql(USING, False)
-    success_sql, _update, _insert = hotpath._success_sql(USING)
+    claim_sql, _select_event = ledger._claim_sql(USING, False)
+    record_sql, _update, _insert = ledger._record_sql(USING)
     key = uuid.UUID(run_id)
     now = timezone.now()
     claim = [RunStatus.RUNNING.value, now + LEASE, now, now, key, RunStatus.PENDING.value]
     claim += [RunStatus.RETRYING.value, now]
-    with hotpath._cursor(USING) as cursor:
+    with rawsql.cursor(USING) as cursor:
         cursor.execute(claim_sql, claim)
         if cursor.fetchone() is None:
             return
@@ -91,8 +90,9 @@ def run_history(run_id: str) -> None:
             "worker_host": _HOST,
             "worker_pid": os.getpid(),
         }
-        success = [RunStatus.SUCCEEDED.value, None, finished, key, 1, RunStatus.RUNNING.value]
-        cursor.execute(success_sql, success + [attempt[name] for name in _ATTEMPT_FIELDS])
+        # status, result, last_error, finished_at, due_at, refund; the run's id, attempt, status
+        moved = [RunStatus.SUCCEEDED.value, None, None, finished, None, 0, key, 1, RunStatus.RUNNING.value]
+        cursor.execute(record_sql, moved + [attempt[name] for name in _ATTEMPT_FIELDS])
 
 
 def pending_run_ids(jobs: int) -> list[str]:

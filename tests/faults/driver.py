@@ -39,14 +39,16 @@ def main() -> None:
     from django.db import transaction
 
     import django_events
-    import django_events.tasks
+    import django_events.dispatch
 
     if args.die_after_commit:
 
         def die(*_args: Any, **_kwargs: Any) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
-        django_events.tasks.enqueue_run = die  # sending.py looks it up at enqueue time
+        # dispatch looks them up at enqueue time
+        django_events.dispatch.send_now = die  # type: ignore[assignment]
+        django_events.dispatch.send_group = die  # type: ignore[assignment]
 
     # (position, name, index): the events of each name spread evenly over the whole sequence
     plan = []

@@ -22,9 +22,10 @@ from django.utils import timezone
 import django_events
 from django_events import EventValidationError
 from django_events.conf import get_settings
+from django_events.dispatch import send_now
 from django_events.execution import RUN_DEAD_EVENT
 from django_events.models import Attempt, Event, Run, RunStatus
-from django_events.tasks import enqueue_run, get_actor
+from django_events.tasks import get_actor
 from tests.testapp.models import Call
 
 from .harness import RedisServer, Workers, report, wait_until
@@ -170,9 +171,9 @@ def test_bad_messages_are_dropped_with_a_log_line_and_a_good_event_still_complet
             queue_name=queue, actor_name="django_events.no_such_actor", args=(), kwargs={}, options={}
         )
     )
-    enqueue_run(removed.pk, removed.function)  # 6. a run of a function that was removed
-    enqueue_run(cancelled.pk, cancelled.function)  # 7. a cancelled run
-    enqueue_run(first_run.pk, first_run.function)  # 8. a run that already succeeded (a duplicate)
+    send_now([(removed.pk, removed.function)])  # 6. a run of a function that was removed
+    send_now([(cancelled.pk, cancelled.function)])  # 7. a cancelled run
+    send_now([(first_run.pk, first_run.function)])  # 8. a run that already succeeded (a duplicate)
     second = django_events.send("faults/ok", {"n": 2})
 
     # Then each is dropped, or recorded as the run's failure, with a line in the worker's log

@@ -12,7 +12,7 @@ from django.conf import settings
 from django.db import connection, transaction
 
 import django_events
-import django_events.tasks
+import django_events.dispatch
 from django_events.conf import get_settings
 from django_events.models import Run, RunStatus
 
@@ -66,7 +66,8 @@ def test_runs_whose_messages_were_never_sent_complete_through_recovery(
     def crash(*args: object, **kwargs: object) -> None:
         raise SystemError("the process is going down")
 
-    monkeypatch.setattr(django_events.tasks, "enqueue_run", crash)
+    monkeypatch.setattr(django_events.dispatch, "send_now", crash)
+    monkeypatch.setattr(django_events.dispatch, "send_group", crash)
     for i in range(raised_count):
         with transaction.atomic():
             django_events.send("faults/ok", {"i": i})

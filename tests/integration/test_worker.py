@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import dramatiq
+import pytest
 from django.db import transaction
 from dramatiq.middleware import Middleware
 
 import django_events
+from django_events.dispatch import send_now
 from django_events.models import Attempt, AttemptOutcome, Run, RunStatus
-from django_events.tasks import enqueue_run, get_actor
+from django_events.tasks import get_actor
 from tests.conftest import wait_for
 from tests.testapp.models import Call
+
+# Every test here runs with the ledger's vendor statements and with its portable forms.
+pytestmark = pytest.mark.usefixtures("ledger_form")
 
 
 def _settled(expected_runs: int):
@@ -85,7 +90,7 @@ def test_duplicate_deliveries_run_the_function_once(worker, broker, queue_name):
     event = django_events.send("test/ok")
     run = Run.objects.get(event=event)
     for _ in range(4):
-        enqueue_run(run.pk, run.function)
+        send_now([(run.pk, run.function)])
 
     # When the worker has processed every message
     wait_for(_settled(1))

@@ -107,3 +107,65 @@ def faults_fail(ctx: Context) -> None:
     """Always fails: its runs end dead after two attempts."""
     _record(ctx, "faults_fail")
     raise RuntimeError(f"deliberate failure on attempt {ctx.attempt}")
+
+
+# Used by tests/integration/test_odd_outcomes.py: a function whose output the database would
+# refuse, or that raises what a worker thread must survive. ``data["kind"]`` says which.
+
+
+class _StrRaises(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no str for you")
+
+
+class _NotAnException(BaseException):
+    """A BaseException that is not a shutdown: Dramatiq's worker thread catches it and goes on."""
+
+
+class _RetryAfterForever(RetryAfterError):
+    def __init__(self) -> None:
+        super().__init__(1)
+        self.seconds = float("inf")  # changed after the constructor checked it
+
+
+def _odd_exception_type() -> type[Exception]:
+    odd = type("Odd", (Exception,), {})
+    odd.__qualname__ = "Odd\x00Name\ud800"  # a class name may not hold these; a qualname may
+    return odd
+
+
+ODD_OUTCOMES: dict[str, Any] = {
+    "str-raises": lambda: _StrRaises(),
+    "nul-message": lambda: ValueError("before\x00after"),
+    "surrogate-message": lambda: ValueError("before\ud800after"),
+    "huge-message": lambda: ValueError("x" * 3_000_000),
+    "odd-type": lambda: _odd_exception_type()("odd"),
+    "base-exception": lambda: _NotAnException("not a shutdown"),
+    "system-exit": lambda: SystemExit(3),
+    "keyboard-interrupt": lambda: KeyboardInterrupt(),
+    "retry-after-nan": lambda: RetryAfterError(float("nan")),
+    "retry-after-huge": lambda: RetryAfterError(1e300),
+    "retry-after-forever": lambda: _RetryAfterForever(),
+    "refused": lambda: ValueError("REFUSE-ME in the traceback"),
+}
+ODD_RESULTS: dict[str, Any] = {
+    "nul-result": {"text": "before\x00after", "key\x00": 1},
+    "surrogate-result": {"text": "before\udc80after", "key\ud800": [1, "\udfff"]},
+    "deep-result": "deep",
+    "refused-result": {"x": "REFUSE-ME"},
+}
+
+
+@django_events.function("test/odd", id="tests.odd", retries=1)
+def odd(ctx: Context) -> Any:
+    """Raises or returns something odd (``ODD_OUTCOMES``, ``ODD_RESULTS``), on every attempt."""
+    _record(ctx, "odd")
+    kind = ctx.event.data["kind"]
+    if kind in ODD_OUTCOMES:
+        raise ODD_OUTCOMES[kind]()
+    if kind == "deep-result":
+        value: Any = []
+        for _ in range(100_000):
+            value = [value]
+        return value
+    return ODD_RESULTS[kind]

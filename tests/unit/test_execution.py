@@ -14,6 +14,9 @@ from django_events.registry import function, unregister
 from django_events.testing import RunsDidNotSettle, run_all, run_due
 from tests.testapp.models import Call
 
+# Every test here runs with the ledger's vendor statements and with its portable forms.
+pytestmark = pytest.mark.usefixtures("ledger_form")
+
 
 def _run(event) -> Run:
     return Run.objects.get(event=event)

@@ -20,6 +20,9 @@ from django_events.registry import function, unregister
 from django_events.testing import run_all, run_due
 from tests.testapp.models import Call
 
+# Every test here runs with the ledger's vendor statements and with its portable forms.
+pytestmark = pytest.mark.usefixtures("ledger_form")
+
 
 def _age(run: Run, **delta: float) -> None:
     Run.objects.filter(pk=run.pk).update(due_at=timezone.now() - dt.timedelta(**delta))
@@ -307,7 +310,10 @@ def test_log_lines_for_start_success_retry_and_death(db, caplog):
     ok = Run.objects.get(event=django_events.send("test/ok"))
     dead = Run.objects.get(event=django_events.send("test/always-fails"))
     run_all()
-    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "django_events"]
+    # (the first line of each: a failure's goes on with its traceback as stored)
+    lines = [
+        (r.levelname, r.getMessage().split("\n")[0]) for r in caplog.records if r.name == "django_events"
+    ]
     assert ("INFO", f"Run {ok.pk} of tests.ok for test/ok started (attempt 1 of 5).") in lines
     assert ("INFO", f"Run {ok.pk} of tests.ok for test/ok succeeded (attempt 1).") in lines
     retry = [m for level, m in lines if level == "WARNING" and str(dead.pk) in m]
@@ -318,3 +324,5 @@ def test_log_lines_for_start_success_retry_and_death(db, caplog):
         f"Run {dead.pk} of tests.always_fails for test/always-fails is dead after attempt 3.",
     ) in lines
     assert Call.objects.count() == 4
+    [dead_line] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert dead_line.endswith("ValueError: <b>broken</b> on attempt 3")  # with the traceback

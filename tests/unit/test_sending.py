@@ -8,6 +8,9 @@ from django.db import transaction
 import django_events
 from django_events.models import Event, Run, RunStatus
 
+# Every test here runs with the ledger's vendor statements and with its portable forms.
+pytestmark = pytest.mark.usefixtures("ledger_form")
+
 
 class _Boom(Exception):
     pass

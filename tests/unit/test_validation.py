@@ -6,6 +6,7 @@ import datetime as dt
 import decimal
 
 import pytest
+from django.db import transaction
 
 import django_events
 from django_events import EventValidationError
@@ -122,7 +123,67 @@ def test_function_decorates_only_callables():
 
 def test_retry_after_error_needs_seconds():
     with pytest.raises(TypeError):
-        django_events.RetryAfterError(-1)
-    with pytest.raises(TypeError):
         django_events.RetryAfterError("soon")  # type: ignore[arg-type]
     assert django_events.RetryAfterError(2.5).seconds == 2.5
+
+
+@pytest.mark.parametrize("seconds", [-1, float("nan"), float("inf"), float("-inf")])
+def test_retry_after_error_refuses_negative_and_non_finite_delays(seconds):
+    with pytest.raises(ValueError, match="finite, non-negative"):
+        django_events.RetryAfterError(seconds)
+
+
+def test_retry_after_error_cuts_a_huge_delay_to_a_year():
+    assert django_events.RetryAfterError(1e300).seconds == django_events.RetryAfterError.MAX_SECONDS
+    assert django_events.RetryAfterError.MAX_SECONDS == 366 * 24 * 3600
+
+
+def _nested(levels: int) -> dict:
+    """An object nested ``levels`` deep (the outer object is level 1)."""
+    data: dict = {}
+    for _ in range(levels - 1):
+        data = {"a": data}
+    return data
+
+
+@pytest.mark.parametrize(
+    ("data", "key", "message"),
+    [
+        (_nested(101), None, "nested too deeply"),
+        ({"a": [_nested(100)]}, None, "nested too deeply"),
+        (_nested(100_000), None, "nested too deeply"),  # past Python's own recursion limit
+        ({"s": "lone \ud800 surrogate"}, None, "lone surrogate"),
+        ({"key \udfff": 1}, None, "lone surrogate"),
+        ({1: "a", "1": "b"}, None, "same once made strings"),
+        ({"x": {True: 1, "true": 2}}, None, "same once made strings"),
+        ({None: 1, "null": 2}, None, "same once made strings"),
+        ({}, "nul\x00id", "printable"),
+        ({}, "new\nline", "printable"),
+        ({}, "bell\x07", "printable"),
+        ({}, "lone \ud800", "printable"),
+        ({}, "", "non-empty"),
+        ({}, 42, "non-empty str"),
+    ],
+)
+def test_odd_send_input_raises_stores_nothing_and_leaves_the_transaction_usable(
+    transactional_db, data, key, message
+):
+    # Given a transaction that has written something already
+    with transaction.atomic():
+        kept = django_events.send("test/nobody-listens", {"before": True})
+
+        # When send() is given odd input
+        with pytest.raises(EventValidationError, match=message):
+            django_events.send("test/ok", data, id=key)
+
+        # Then the transaction still works, and commits what it wrote, and only that
+        after = django_events.send("test/nobody-listens", {"after": True})
+    assert set(Event.objects.values_list("pk", flat=True)) == {kept.pk, after.pk}
+    assert not Run.objects.exists()
+
+
+def test_send_accepts_data_nested_to_the_limit_and_printable_ids(db):
+    event = django_events.send("test/ok", _nested(100), id="order 42 — ünïcode ✓")
+    stored = Event.objects.get(pk=event.pk)
+    assert stored.data == _nested(100)
+    assert stored.idempotency_key == "order 42 — ünïcode ✓"
