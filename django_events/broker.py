@@ -48,6 +48,10 @@ How consumers work:
   inspection), ``requeue`` makes it ready again; each applies only to the delivery
   it came from (the row's ``delivery_count``), so a worker that lost its hold can
   never settle a later delivery of the same message.
+* **Malformed rows.** A row whose body is not a message the worker can process (it
+  does not decode, or a field has the wrong type: see :func:`read_message`) is
+  dead-lettered as it is taken, with a warning, and the other rows of its batch are
+  delivered as usual: one bad row never stalls a consumer.
 * **Connections.** Each consumer has a Django database connection of its own
   (opened with the project's settings for ``database``, outside Django's
   per-thread connections, so ``close_old_connections`` in worker threads never
@@ -61,13 +65,14 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
+import math
 import os
 import socket
 import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -91,7 +96,9 @@ from dramatiq.errors import (
 from dramatiq.logging import get_logger
 from dramatiq.message import Message
 
+from .conf import MAX_DURATION
 from .exceptions import ConfigurationError
+from .text import short_repr
 
 if TYPE_CHECKING:
     import psycopg
@@ -104,6 +111,7 @@ __all__ = [
     "DEFAULT_VISIBILITY_TIMEOUT",
     "DatabaseBroker",
     "is_transactional",
+    "read_message",
 ]
 
 #: Milliseconds a consumer holds a message it took before another may take it,
@@ -142,6 +150,158 @@ def is_transactional(broker: dramatiq.Broker, using: str) -> bool:
     back with it, and there is no reason to wait for the commit to send it.
     """
     return bool(getattr(broker, "transactional", False)) and getattr(broker, "database", None) == using
+
+
+#: The fields of an encoded Dramatiq message: a body has each of them and no other.
+_MESSAGE_FIELDS = ("queue_name", "actor_name", "args", "kwargs", "options", "message_id", "message_timestamp")
+#: Largest magnitude of a number among a message's options (Dramatiq makes whole milliseconds of some).
+_MAX_OPTION_NUMBER = 2**63
+#: Largest ``time_limit`` option, in milliseconds (a lease this long is still a date).
+_MAX_TIME_LIMIT = MAX_DURATION * 1000
+
+
+class _Malformed(ValueError):
+    """A decoded body that is not a message the worker can process."""
+
+
+def _is_str(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _is_name(value: Any) -> bool:
+    return isinstance(value, str) and bool(value)
+
+
+def _is_list(value: Any) -> bool:
+    return isinstance(value, list | tuple)
+
+
+def _is_object(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(key, str) for key in value)
+
+
+def _is_whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any, low: float = -_MAX_OPTION_NUMBER, high: float = _MAX_OPTION_NUMBER) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    return low <= value <= high
+
+
+def _is_exception_types(value: Any) -> bool:
+    types = value if isinstance(value, tuple) else (value,)
+    return all(isinstance(t, type) and issubclass(t, BaseException) for t in types)
+
+
+#: What each field of a message must be: a check, and what it says when the field fails it.
+_FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "queue_name": (_is_str, "a string"),
+    "actor_name": (_is_name, "a non-empty string"),
+    "args": (_is_list, "a list"),
+    "kwargs": (_is_object, "an object with string keys"),
+    "options": (_is_object, "an object with string keys"),
+    "message_id": (_is_name, "a non-empty string"),
+    "message_timestamp": (_is_whole, "a whole number of milliseconds"),
+}
+_NUMBER = "a finite number"
+#: The options Dramatiq's worker, its stock middleware and django-events read, and what each
+#: must be when present: a check, what it says, and whether ``None`` is allowed (the readers
+#: that fall back on the actor's value with ``or`` take it; those that do arithmetic do not).
+_OPTION_RULES: dict[str, tuple[Callable[[Any], bool], str, bool]] = {
+    "retries": (lambda v: _is_whole(v) and v >= 0, "a whole number, 0 or more", False),
+    "max_retries": (_is_number, _NUMBER, True),
+    "min_backoff": (_is_number, _NUMBER, False),
+    "max_backoff": (_is_number, _NUMBER, False),
+    "max_age": (_is_number, _NUMBER, True),
+    "delay": (_is_number, _NUMBER, True),
+    "result_ttl": (_is_number, _NUMBER, True),
+    "broker_priority": (_is_number, _NUMBER, True),
+    "time_limit": (
+        lambda v: _is_number(v, 0, _MAX_TIME_LIMIT),
+        f"a number of milliseconds from 0 to {_MAX_TIME_LIMIT} (ten years)",
+        True,
+    ),
+    "throws": (_is_exception_types, "an exception class or a tuple of them", True),
+    "on_success": (_is_name, "an actor name", True),
+    "on_failure": (_is_name, "an actor name", True),
+    "on_retry_exhausted": (_is_name, "an actor name", True),
+    "pipe_target": (lambda v: isinstance(v, dict), "a message", True),
+    "group_completion_uuid": (_is_str, "a string", True),
+    "group_completion_callbacks": (_is_list, "a list of messages", True),
+}
+
+
+def read_message(body: bytes, queue_name: str | None = None) -> Message[Any]:
+    """The Dramatiq message in a queue row's ``body``, checked for everything the worker touches.
+
+    Beyond decoding (as ``Message.decode`` does), the body must hold every field of a
+    message and no other, each of the type Dramatiq's worker and middleware rely on:
+    ``queue_name`` a string; ``actor_name`` and ``message_id`` non-empty strings;
+    ``args`` a list; ``kwargs`` and ``options`` objects with string keys;
+    ``message_timestamp`` a whole number. Among the options, those the worker, the stock
+    middleware and django-events read must have their type when present: ``retries`` a
+    whole number, ``time_limit`` from 0 to ten years of milliseconds, ``max_retries``,
+    ``min_backoff``, ``max_backoff``, ``max_age``, ``delay``, ``result_ttl`` and
+    ``broker_priority`` finite numbers, the callbacks' actor names strings, ``throws``
+    exception classes, and a pipeline's next message (``pipe_target``) and a group's
+    callbacks (``group_completion_callbacks``) messages of this same shape. Other
+    options are left as they are.
+
+    The ``eta`` option is dropped: the row's ``available_at`` held it, and it has come.
+
+    Parameters:
+      body: the row's ``body``.
+      queue_name: the queue the message is delivered from, which replaces the body's.
+
+    Raises:
+      DecodeError: the body does not decode, or a field is wrong; the error's text
+        names the first such field, with values cut to 200 characters.
+    """
+    try:
+        fields = dramatiq.get_encoder().decode(body)
+        _check_message(fields)
+        options = {name: value for name, value in fields["options"].items() if name != "eta"}
+        fields = {**fields, "args": tuple(fields["args"]), "options": options}
+        if queue_name is not None:
+            fields["queue_name"] = queue_name
+        return Message(**fields)
+    except _Malformed as exc:
+        reason = f"Malformed message: {exc}."
+    except Exception as exc:  # whatever the encoder raises (a recursion error on deep JSON, say)
+        # Dramatiq's own DecodeError repeats the whole body: name its cause instead.
+        cause = exc.error if isinstance(exc, DecodeError) and isinstance(exc.error, BaseException) else exc
+        reason = f"Undecodable message: {type(cause).__name__}: {short_repr(str(cause))}."
+    raise DecodeError(reason, body, None)  # type: ignore[no-untyped-call]
+
+
+def _check_message(fields: Any) -> None:
+    """Raise ``_Malformed`` naming what is wrong with a decoded message (and the messages it carries)."""
+    pending: list[tuple[str, Any]] = [("the body", fields)]
+    while pending:  # iteratively: a pipeline nests each next message in the one before
+        where, message = pending.pop()
+        if not isinstance(message, dict):
+            raise _Malformed(f"{where} is {short_repr(message)}, not an object")
+        missing = [name for name in _MESSAGE_FIELDS if name not in message]
+        if missing:
+            raise _Malformed(f"{where} has no {', '.join(missing)}")
+        unknown = [name for name in message if name not in _MESSAGE_FIELDS]
+        if unknown:
+            raise _Malformed(f"{where} has unknown fields {short_repr(unknown)}")
+        for name, (check, expected) in _FIELD_RULES.items():
+            if not check(message[name]):
+                raise _Malformed(f"{where}: {name} is {short_repr(message[name])}, not {expected}")
+        options = message["options"]
+        for name, (check, expected, none_ok) in _OPTION_RULES.items():
+            if name in options and not ((options[name] is None and none_ok) or check(options[name])):
+                raise _Malformed(f"{where}: options[{name!r}] is {short_repr(options[name])}, not {expected}")
+        nested = "a message it carries"
+        if options.get("pipe_target") is not None:
+            pending.append((nested, options["pipe_target"]))
+        pending.extend((nested, callback) for callback in options.get("group_completion_callbacks") or ())
 
 
 class DatabaseBroker(Broker):
@@ -222,6 +382,9 @@ class DatabaseBroker(Broker):
         self._vendor: str | None = None
         self._uses_notify: bool | None = None
         self._insert_sql: dict[int, tuple[str, list[Any]]] = {}
+        # Rows to mark dead ("nack") or make ready again ("requeue") that a consumer could not settle
+        # when it meant to (its connection failed): the next poll of any consumer settles them.
+        self._unsettled: list[tuple[str, tuple[int, int]]] = []
 
     # -- Properties ----------------------------------------------------------------------------
 
@@ -460,6 +623,16 @@ class DatabaseBroker(Broker):
         with self._lock:
             self._consumers.discard(consumer)
 
+    def _leave_unsettled(self, kind: str, keys: Iterable[tuple[int, int]]) -> None:
+        """Remember deliveries to ``nack`` or ``requeue`` later (see ``_DatabaseConsumer._settle_left``)."""
+        with self._lock:
+            self._unsettled.extend((kind, key) for key in keys)
+
+    def _take_unsettled(self) -> list[tuple[str, tuple[int, int]]]:
+        with self._lock:
+            unsettled, self._unsettled = self._unsettled, []
+        return unsettled
+
     def _prepare_sqlite(self, db: BaseDatabaseWrapper) -> None:
         """Give a new broker connection to SQLite its busy timeout, and the database WAL mode, once."""
         busy_timeout = self.sqlite_busy_timeout
@@ -665,7 +838,8 @@ class _DatabaseConsumer(Consumer):
             if len(rows) < free:
                 earliest = self._earliest(statements)
         for row_id, body, delivery in sorted(rows, key=lambda row: row[0]):
-            self._accept(int(row_id), bytes(body), int(delivery))
+            self._accept(int(row_id), body, int(delivery))
+        self._settle_left()
         self._poll_now = len(rows) >= free
         if not self._poll_now:
             delay = self.broker.poll_interval / 1000
@@ -677,22 +851,52 @@ class _DatabaseConsumer(Consumer):
         rows = self._execute(statements.earliest, [self.queue_name], fetch=True)
         return _as_datetime(rows[0][0]) if rows else None
 
-    def _accept(self, row_id: int, body: bytes, delivery: int) -> None:
+    def _accept(self, row_id: int, body: Any, delivery: int) -> None:
+        """Hand out a row's message, or, if it holds none the worker can process, leave it to be buried.
+
+        Never raises: whatever is wrong with one row must not stop the others of its batch.
+        """
         try:
-            message = Message.decode(body)
-        except DecodeError:
-            self.logger.exception(
-                "Failed to decode message %d of queue %r; it is dead.", row_id, self.queue_name
+            message = read_message(bytes(body), self.queue_name)
+        except Exception as exc:
+            reason = str(exc) if isinstance(exc, DecodeError) else f"{type(exc).__name__}: {short_repr(exc)}"
+            self.logger.warning(
+                "Message %d of queue %r is dead: %s Its body: %s.",
+                row_id,
+                self.queue_name,
+                reason,
+                short_repr(body),
             )
-            self._execute(self._get_statements().nack, [self._adapt(timezone.now()), row_id, delivery])
+            self.broker._leave_unsettled("nack", [(row_id, delivery)])
             return
-        # Its eta has come (that is why it was taken): without it, the worker runs it now.
-        message.options.pop("eta", None)
-        if message.queue_name != self.queue_name:
-            message = message.copy(queue_name=self.queue_name)
         with self._lock:
             self._held.add((row_id, delivery))
         self._buffer.append(_DatabaseMessage(message, row_id, delivery))
+
+    def _settle_left(self) -> None:
+        """Mark dead the malformed rows, and put back the rows a failed ``close()`` could not.
+
+        If this fails too (the connection is lost), they are left for the next poll of any
+        consumer of the broker; meanwhile the heartbeat keeps them from other workers.
+        """
+        unsettled = self.broker._take_unsettled()
+        if not unsettled:
+            return
+        statements = self._get_statements()
+        now = self._adapt(timezone.now())
+        requeued = False
+        try:
+            for kind, (row_id, delivery) in unsettled:
+                self._execute(
+                    statements.nack if kind == "nack" else statements.requeue, [now, row_id, delivery]
+                )
+                requeued = requeued or kind == "requeue"
+        except BaseException:
+            self.broker._leave_unsettled("nack", [key for kind, key in unsettled if kind == "nack"])
+            self.broker._leave_unsettled("requeue", [key for kind, key in unsettled if kind == "requeue"])
+            raise
+        if requeued:
+            self._wake_others()
 
     def _heartbeat(self) -> None:
         """Extend the hold of every message this broker has taken (in any of its consumers)."""
@@ -764,9 +968,11 @@ class _DatabaseConsumer(Consumer):
                 if buffered:
                     self.requeue(buffered)
             except Exception:
+                # The next consumer of this broker puts them back; if the worker stops first, they
+                # are delivered again after the visibility timeout.
+                self.broker._leave_unsettled("requeue", [m.key for m in buffered])
                 self.logger.warning(
-                    "Could not put back %d message(s) on queue %r; they are delivered again after "
-                    "the visibility timeout.",
+                    "Could not put back %d message(s) on queue %r yet.",
                     len(buffered),
                     self.queue_name,
                     exc_info=True,
