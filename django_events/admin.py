@@ -27,9 +27,8 @@ from django.contrib import admin, messages
 from django.contrib.admin.views.main import ChangeList
 from django.contrib.auth import get_permission_codename
 from django.core.exceptions import PermissionDenied
-from django.db import connections, models
+from django.db import models
 from django.db.models import Count, F, Q, QuerySet
-from django.db.models.fields.json import KeyTransform
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseNotAllowed, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
 from django.template.loader import render_to_string
@@ -50,8 +49,11 @@ from .changelists import (
     EventChangeList,
     EventNameFilter,
     FunctionFilter,
+    HasMember,
     IndexedDateHierarchyChangeList,
     QueueNameFilter,
+    search_values,
+    storable,
 )
 from .models import (
     FINAL_STATUSES,
@@ -490,34 +492,16 @@ class EventAdmin(_ReadOnlyAdmin):
         if not term:
             return queryset, False
         if "=" in term:
-            key, _sep, raw = term.partition("=")
-            return queryset.filter(self._data_condition(queryset, key.strip(), raw.strip())), False
+            key, _sep, text = term.partition("=")
+            key, values = key.strip(), search_values(text.strip())
+            if not values or not storable(key):
+                return queryset.none(), False  # no stored data can hold that key or value
+            return queryset.filter(HasMember("data", key, values)), False
         condition = Q(name=term) | Q(idempotency_key=term)
         as_uuid = _as_uuid(term)
         if as_uuid is not None:
             condition |= Q(pk=as_uuid)
         return queryset.filter(condition), False
-
-    @staticmethod
-    def _data_condition(queryset: QuerySet[Event], key: str, raw: str) -> Q:
-        """Events whose data has ``key`` equal to ``raw`` read as JSON (42, true) or as text ("42")."""
-        values: list[Any] = [raw]
-        try:
-            parsed = json.loads(raw)
-        except ValueError:
-            parsed = raw
-        if parsed != raw and not isinstance(parsed, (dict, list)):
-            values.append(parsed)
-        condition = Q()
-        if connections[queryset.db].vendor == "postgresql":
-            for value in values:  # data @> '{"key": value}': served by the GIN index
-                condition |= Q(data__contains={key: value})
-            return condition
-        for value in values:
-            condition |= Q(**{"_data_value": value})
-        return Q(
-            pk__in=queryset.annotate(_data_value=KeyTransform(key, "data")).filter(condition).values("pk")
-        )
 
     def has_replay_permission(self, request: HttpRequest) -> bool:
         return request.user.has_perm("django_events.replay_event")

@@ -3,7 +3,11 @@
 - :class:`CappedCountPaginator` counts at most ``cap + 1`` rows, never a whole table.
 - :class:`IndexedDateHierarchyChangeList` builds the date hierarchy from index probes
   (``MIN``, ``MAX``, ``EXISTS``), not from the distinct dates of every row.
-- :class:`ContainsText` is ``icontains`` as ``ILIKE`` on PostgreSQL, which a trigram index serves.
+- :class:`ContainsText` is ``icontains`` as ``ILIKE`` on PostgreSQL, which a trigram index serves,
+  and with no limit on the text's length on SQLite.
+- :class:`HasMember` finds JSON objects by one of their members, the same way on SQLite and
+  PostgreSQL (``@>``, which a GIN index serves); :func:`search_values` reads a search text
+  into the values it stands for.
 - :class:`RegistryChoicesFilter` and its filters take their choices from the registered
   functions or the declared queues, not from a ``DISTINCT`` over the table.
 - :class:`EventChangeList` adds each listed event's run counts in one query for the page.
@@ -11,9 +15,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import json
+import math
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import dramatiq
@@ -22,7 +29,8 @@ from django.contrib import admin
 from django.contrib.admin.views.main import ChangeList
 from django.core.paginator import Paginator
 from django.db import models
-from django.db.models import Count, Exists, Max, Min, QuerySet
+from django.db.models import BooleanField, Count, Exists, F, Max, Min, QuerySet
+from django.db.models.expressions import Expression
 from django.db.models.lookups import IContains, Lookup
 from django.http import HttpRequest
 from django.utils import formats, timezone
@@ -41,10 +49,20 @@ __all__ = [
     "EventChangeList",
     "EventNameFilter",
     "FunctionFilter",
+    "HasMember",
     "IndexedDateHierarchyChangeList",
     "QueueNameFilter",
     "RegistryChoicesFilter",
+    "search_values",
+    "storable",
 ]
+
+
+#: A JSON value :class:`HasMember` compares: text, a number, true, false or null.
+JSONScalar = str | int | float | bool | None
+
+#: The integers both databases compare exactly (SQLite's are 64-bit).
+_SMALLEST_INT, _LARGEST_INT = -(2**63), 2**63 - 1
 
 
 class CappedCountPaginator(Paginator):  # type: ignore[type-arg]
@@ -219,16 +237,138 @@ class EventChangeList(IndexedDateHierarchyChangeList):
 
 
 class ContainsText(IContains):
-    """``icontains`` that PostgreSQL answers from a trigram index: ``column ILIKE '%term%'``.
+    """``icontains`` that PostgreSQL answers from a trigram index, and SQLite for any length of text.
 
-    Django's own ``icontains`` compares ``UPPER(column)``, an expression no index
-    on the column serves. Elsewhere it is ``icontains`` unchanged.
+    Django's own ``icontains`` compares ``UPPER(column)`` on PostgreSQL, an
+    expression no index on the column serves: this is ``column ILIKE '%term%'``.
+    On SQLite, ``LIKE`` refuses a pattern of more than 50,000 bytes: this is
+    ``INSTR(LOWER(column), LOWER(term)) > 0``, which folds case as ``LIKE`` does
+    (ASCII letters only) and has no wildcard to escape. Elsewhere it is
+    ``icontains`` unchanged.
     """
 
     def as_postgresql(self, compiler: Any, connection: Any) -> tuple[str, tuple[Any, ...]]:
         lhs_sql, lhs_params = Lookup.process_lhs(self, compiler, connection)  # no UPPER(), no cast
         rhs_sql, rhs_params = self.process_rhs(compiler, connection)  # '%term%', escaped
         return f"{lhs_sql} ILIKE {rhs_sql}", (*lhs_params, *rhs_params)
+
+    def as_sqlite(self, compiler: Any, connection: Any) -> tuple[str, tuple[Any, ...]]:
+        lhs_sql, lhs_params = Lookup.process_lhs(self, compiler, connection)
+        rhs_sql, rhs_params = Lookup.process_rhs(self, compiler, connection)  # the term, no wildcards
+        return f"INSTR(LOWER({lhs_sql}), LOWER({rhs_sql})) > 0", (*lhs_params, *rhs_params)
+
+
+def storable(text: str) -> bool:
+    """Whether a database can hold ``text``: no NUL character and no lone surrogate.
+
+    PostgreSQL refuses both in text and in ``jsonb``, and SQLite's driver refuses
+    lone surrogates, so no stored row can equal a text that has one.
+    """
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def search_values(text: str) -> list[JSONScalar]:
+    """The values a search for ``text`` looks for: the text itself and the JSON scalar it reads as.
+
+    ``42`` stands for the text "42" and the number 42, ``true`` for the text and
+    ``true``, ``"42"`` (quoted) for the text with its quotes and the text "42".
+    Numbers compare as numbers (``1``, ``1.0`` and ``1e0`` are one value; ``true``
+    is not a number). Only what both databases compare alike is read as JSON:
+    ``NaN``, ``Infinity``, numbers too big for a float and integers outside 64
+    bits stay text, and a text beginning with ``[`` or ``{`` is never parsed (a list
+    or an object is searched as the text). Texts no database can hold (see
+    :func:`storable`) are left out, so the result may be empty.
+    """
+    values: list[JSONScalar] = [text]
+    if text[:1] not in ("[", "{"):
+        with contextlib.suppress(ValueError):  # not JSON, or not a value both databases compare alike
+            values.append(_comparable(json.loads(text, parse_constant=_not_a_number)))
+    return [value for value in values if not isinstance(value, str) or storable(value)]
+
+
+def _not_a_number(constant: str) -> float:
+    raise ValueError(f"{constant} is not a JSON number")
+
+
+def _comparable(value: object) -> JSONScalar:
+    """``value`` as :class:`HasMember` compares it (integral floats as integers), or ``ValueError``."""
+    if value is None or isinstance(value, bool | str):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{value} is not finite")
+        if not value.is_integer():
+            return value
+        value = int(value)
+    if isinstance(value, int) and _SMALLEST_INT <= value <= _LARGEST_INT:
+        return value
+    raise ValueError(f"{value!r} is not compared alike by every database")
+
+
+class HasMember(Expression):
+    """True where the JSON object in ``column`` has the member ``key`` with one of ``values``.
+
+    ``key`` is the member's name as it is: dots, ``__``, quotes, digits and the
+    empty name are not paths. A text value matches a JSON string, a number any
+    JSON number equal to it, ``True``/``False``/``None`` JSON ``true``/``false``/
+    ``null`` (never 1 or 0). Lists and objects in the data match nothing. Every
+    value must pass :func:`storable`; build ``values`` with :func:`search_values`.
+
+    PostgreSQL tests ``column @> '{"key": value}'`` for each value, which the GIN
+    index on the column serves; SQLite reads the object's members with
+    ``json_each`` and compares each by its JSON type.
+    """
+
+    def __init__(self, column: str, key: str, values: Sequence[JSONScalar]) -> None:
+        super().__init__(output_field=BooleanField())
+        self.column: Any = F(column)
+        self.key = key
+        self.values = list(values)
+
+    def get_source_expressions(self) -> list[Any]:
+        return [self.column]
+
+    def set_source_expressions(self, exprs: Sequence[Any]) -> None:
+        (self.column,) = exprs
+
+    def as_sql(self, compiler: Any, connection: Any) -> tuple[str, tuple[Any, ...]]:
+        """SQLite: an ``EXISTS`` over the members of the object, by name and JSON type."""
+        column_sql, column_params = compiler.compile(self.column)
+        tests: list[str] = []
+        params: list[Any] = []
+        for value in self.values:
+            if value is None:
+                tests.append("de_member.type = 'null'")
+            elif isinstance(value, bool):
+                tests.append(f"de_member.type = '{'true' if value else 'false'}'")
+            elif isinstance(value, str):
+                tests.append("(de_member.type = 'text' AND de_member.value = %s)")
+                params.append(value)
+            else:
+                tests.append("(de_member.type IN ('integer', 'real') AND de_member.value = %s)")
+                params.append(value)
+        if not tests:
+            return "1 = 0", ()
+        sql = (
+            f"EXISTS (SELECT 1 FROM json_each({column_sql}) AS de_member "
+            f"WHERE de_member.key = %s AND ({' OR '.join(tests)}))"
+        )
+        return sql, (*column_params, self.key, *params)
+
+    def as_postgresql(self, compiler: Any, connection: Any) -> tuple[str, tuple[Any, ...]]:
+        """PostgreSQL: ``column @> '{"key": value}'`` for each value, served by the GIN index."""
+        column_sql, column_params = compiler.compile(self.column)
+        if not self.values:
+            return "1 = 0", ()
+        tests = " OR ".join(f"{column_sql} @> %s::jsonb" for _value in self.values)
+        params = [param for value in self.values for param in (*column_params, json.dumps({self.key: value}))]
+        return f"({tests})", tuple(params)
 
 
 # -- filters ---------------------------------------------------------------------------------------
