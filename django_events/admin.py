@@ -143,8 +143,24 @@ def _badge(value: str, choices: type[models.TextChoices] = RunStatus) -> SafeStr
     return _include("badge", {"style": style, "label": label})
 
 
+def _printable(text: str) -> str:
+    """``text`` with each lone surrogate written as its escape (``\\ud800``).
+
+    A page is sent as UTF-8, which has no lone surrogates: one left in would make
+    the response fail. JSON can hold them (as escapes), so event data and run
+    results on SQLite and the database broker's message bodies may; no text
+    column can (SQLite's driver and PostgreSQL refuse them).
+    """
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _json_text(value: Any) -> str:
+    """``value`` as indented JSON to show; ``TypeError`` or ``ValueError`` if JSON cannot hold it."""
+    return _printable(json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False))
+
+
 def _pretty_json(value: Any) -> SafeString:
-    return _include("json", {"text": json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False)})
+    return _include("json", {"text": _json_text(value)})
 
 
 def _duration(start: dt.datetime | None, end: dt.datetime | None) -> str:
@@ -645,9 +661,9 @@ class QueuedMessageAdmin(_ReadOnlyAdmin):
             "options": message.options,
         }
         try:
-            text = json.dumps(fields, indent=2, sort_keys=True, ensure_ascii=False)
+            text = _json_text(fields)
         except (TypeError, ValueError):  # a custom Dramatiq encoder may give what JSON cannot hold
-            text = repr(fields)
+            text = _printable(repr(fields))
         return _include("message", {"undecodable": False, "text": text})
 
     # -- queries ---------------------------------------------------------------------------

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import dramatiq
 import pytest
-from django.db import connection
+from django.db import DataError, connection, transaction
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
 import django_events
-from django_events.models import Run, RunStatus
+from django_events.conf import get_settings
+from django_events.models import Event, QueuedMessage, QueuedMessageState, Run, RunStatus
 from django_events.testing import run_all
 
 EVENTS = reverse("admin:django_events_event_changelist")
@@ -181,3 +183,69 @@ def test_error_search_ignores_case_and_takes_wildcards_as_text(admin_client, db,
 
     # Then the words are found whatever their case, and % and _ stand only for themselves
     assert [run.pk for run in response.context["cl"].result_list] == ([dead.pk] if found else [])
+
+
+# -- pages showing lone surrogates -----------------------------------------------------------------
+
+#: A lone surrogate, as rows written before send() refused them, or by hand, may hold it.
+LONE = "\ud800"
+#: How the pages show it: its escape, since a page is sent as UTF-8, which has no lone surrogates.
+SHOWN = "\\ud800"
+
+
+def _page(client: Any, url: str) -> str:
+    response = client.get(url)
+    assert response.status_code == 200
+    return response.content.decode()
+
+
+def test_message_pages_show_lone_surrogates_in_a_message_as_escapes(admin_client, db):
+    # Given a dead broker message whose argument holds a lone surrogate (JSON escapes it in the body)
+    message = dramatiq.Message(
+        queue_name=get_settings().QUEUE_NAME,
+        actor_name="shop.notify",
+        args=(f"a{LONE}b",),
+        kwargs={f"k{LONE}": LONE},
+        options={},
+    )
+    row = QueuedMessage.objects.create(
+        queue_name=message.queue_name,
+        actor_name=message.actor_name,
+        message_id=message.message_id,
+        body=message.encode(),
+        state=QueuedMessageState.DEAD,
+    )
+
+    # When its page and the list are opened
+    page = _page(admin_client, reverse("admin:django_events_queuedmessage_change", args=[row.pk]))
+    _page(admin_client, reverse("admin:django_events_queuedmessage_changelist"))
+
+    # Then the page shows the surrogates as their escapes
+    assert f"&quot;a{SHOWN}b&quot;" in page
+    assert f"&quot;k{SHOWN}&quot;: &quot;{SHOWN}&quot;" in page
+
+
+def test_event_and_run_pages_show_lone_surrogates_in_json_as_escapes(admin_client, db):
+    # Given an event whose data, and a run whose result, hold lone surrogates in keys and values
+    data = {"note": f"a{LONE}b", f"key{LONE}": [LONE]}
+    if connection.vendor == "postgresql":
+        # PostgreSQL's jsonb refuses them (and its text, too): there no row can hold one
+        with pytest.raises(DataError), transaction.atomic():
+            Event.objects.create(name="probe/surrogates", data=data)
+        return
+    event = Event.objects.create(name="probe/surrogates", data=data)
+    django_events.send("test/ok")
+    run = Run.objects.get(function="tests.ok")
+    Run.objects.filter(pk=run.pk).update(event=event, status=RunStatus.SUCCEEDED, result={"echo": LONE})
+
+    # When their pages and lists are opened
+    event_page = _page(admin_client, reverse("admin:django_events_event_change", args=[event.pk]))
+    run_page = _page(admin_client, reverse("admin:django_events_run_change", args=[run.pk]))
+    _page(admin_client, reverse("admin:django_events_event_changelist"))
+    _page(admin_client, reverse("admin:django_events_run_changelist"))
+
+    # Then both pages show the surrogates as their escapes
+    for page in (event_page, run_page):
+        assert f"&quot;note&quot;: &quot;a{SHOWN}b&quot;" in page
+        assert f"&quot;key{SHOWN}&quot;: [\n    &quot;{SHOWN}&quot;\n  ]" in page
+    assert f"&quot;echo&quot;: &quot;{SHOWN}&quot;" in run_page
