@@ -13,6 +13,7 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 import django_events
+from django_events.management.commands import events as events_command
 from django_events.models import QueuedMessage, QueuedMessageState, Run
 from django_events.testing import run_all
 
@@ -94,3 +95,24 @@ def test_prune_runs_and_dead_messages_together(messages):
     assert "Deleted 2 dead broker message(s)" in out.getvalue()
     assert not Run.objects.exists()
     assert _left(messages) == {"recent_dead", "old_ready", "old_taken"}
+
+
+def test_a_dead_message_requeued_just_before_its_delete_is_kept(messages, monkeypatch):
+    # Given an old dead message that an admin requeues just before prune deletes its batch
+    requeued = messages["old_dead_1"]
+
+    def requeue(model, ids):
+        if model is QueuedMessage:
+            QueuedMessage.objects.filter(pk=requeued.pk).update(state=READY)
+
+    monkeypatch.setattr(events_command, "_locked", requeue)
+    out = StringIO()
+
+    # When prune deletes old dead messages
+    call_command("events", "prune", "--older-than", "30", "--dead-messages", stdout=out)
+
+    # Then the requeued message stays, ready; the other old dead one went
+    assert "Deleted 1 dead broker message(s)" in out.getvalue()
+    assert _left(messages) == {"old_dead_1", "recent_dead", "old_ready", "old_taken"}
+    requeued.refresh_from_db()
+    assert requeued.state == READY

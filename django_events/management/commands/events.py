@@ -62,8 +62,8 @@ def _batch_size(text: str) -> int:
     return size
 
 
-def _locked(model: type[Run] | type[Event], ids: list[Any]) -> None:
-    """Called with each batch's ids, locked, just before they are deleted. Does nothing.
+def _locked(model: type[Run] | type[Event] | type[QueuedMessage], ids: list[Any]) -> None:
+    """Called with each batch's ids just before they are deleted (runs and events locked). Does nothing.
 
     A seam for tests: they make another transaction act at this moment.
     """
@@ -233,6 +233,9 @@ class Command(BaseCommand):
                 if not ids:
                     return deleted
                 last = ids[-1]
+                _locked(QueuedMessage, ids)
+                # One DELETE that checks again that each is dead (the model has no relation, so
+                # Django deletes it without a cascade): a message requeued meanwhile stays.
                 deleted += old.filter(pk__in=ids).delete()[0]
 
 
