@@ -223,6 +223,57 @@ def processed(figures: Callable[[], dict[str, Any]], actor: str) -> int:
     return int(figures()["actors"].get(actor, {}).get("count", 0))
 
 
+#: The columns of ``pg_stat_wal`` the benchmarks report, per job.
+WAL_COLUMNS = ("wal_records", "wal_fpi", "wal_bytes", "wal_write", "wal_sync")
+
+
+def wal_totals() -> dict[str, float] | None:
+    """PostgreSQL's WAL counters so far (``pg_stat_wal``, every process), or ``None`` on SQLite.
+
+    Backends report their counters now and then and when they exit: read it after the
+    workers stopped, and this process's own after ``pg_stat_force_next_flush()``.
+    """
+    if connection.vendor != "postgresql":
+        return None
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_stat_force_next_flush()")
+    connections.close_all()  # this process's backend reports as it exits
+    time.sleep(0.5)  # the counters of exiting backends reach the statistics a moment later
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT {', '.join(WAL_COLUMNS)} FROM pg_stat_wal")
+        row = cursor.fetchone()
+    return {name: float(value) for name, value in zip(WAL_COLUMNS, row, strict=True)}
+
+
+def wal_per_job(
+    before: dict[str, float] | None, after: dict[str, float] | None, jobs: int
+) -> dict[str, float]:
+    if before is None or after is None:
+        return {}
+    return {name: round((after[name] - before[name]) / jobs, 3) for name in WAL_COLUMNS}
+
+
+def commit_rate(seconds: float = 3.0) -> float | None:
+    """The machine's single-connection commit rate: INSERT + COMMIT of one row in a loop, per second.
+
+    What a drain that commits once per job on one connection could reach if nothing but WAL
+    flushes limited it; the drain's figure is reported against it. ``None`` on SQLite.
+    """
+    if connection.vendor != "postgresql":
+        return None
+    with connection.cursor() as cursor:
+        cursor.execute("CREATE TABLE IF NOT EXISTS bench_commit_probe (id bigserial PRIMARY KEY, n int)")
+        for _ in range(200):  # warm up
+            cursor.execute("INSERT INTO bench_commit_probe (n) VALUES (1)")
+        done, began = 0, time.perf_counter()
+        while time.perf_counter() - began < seconds:
+            cursor.execute("INSERT INTO bench_commit_probe (n) VALUES (1)")  # autocommit: one commit each
+            done += 1
+        elapsed = time.perf_counter() - began
+        cursor.execute("DROP TABLE bench_commit_probe")
+    return done / elapsed
+
+
 # -- Workloads ---------------------------------------------------------------------------------------
 
 
@@ -250,15 +301,33 @@ def bench_send(mode: str, iterations: int, fanout: bool) -> dict[str, Any]:
         for side in sides:
             once(n, side)
     times: dict[str, list[float]] = {side: [] for side in sides}
+    wal: dict[str, list[int]] = {side: [] for side in sides}
+    postgres = connection.vendor == "postgresql"
     for n in range(iterations):
         for side in sides if n % 2 else reversed(sides):
+            lsn = _lsn() if postgres else 0
             began = time.perf_counter()
             once(n, side)
             times[side].append(time.perf_counter() - began)
+            if postgres:
+                wal[side].append(_lsn() - lsn)  # the WAL this transaction wrote (and the LSN query)
     empty_queue()
+
+    def figures(side: str) -> dict[str, Any]:
+        result: dict[str, Any] = summary_ms(times[side])
+        if postgres:
+            result["wal_bytes_median"] = statistics.median(wal[side])
+        return result
+
     if mode == "both":
-        return {side: summary_ms(values) for side, values in times.items()}
-    return summary_ms(times[mode])
+        return {side: figures(side) for side in sides}
+    return figures(mode)
+
+
+def _lsn() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn")
+        return int(cursor.fetchone()[0])
 
 
 def bench_send_many(mode: str, iterations: int, batch: int = 1000) -> dict[str, Any]:
@@ -306,6 +375,8 @@ def bench_drain(mode: str, jobs: int, processes: int, threads: int, timeout: flo
             plain_noop.send(i)
         actor = plain_noop.actor_name
     connections.close_all()
+    commits_per_s = commit_rate()
+    wal_before = wal_totals()
 
     began = time.time()
     with workers(processes, threads) as figures:
@@ -344,6 +415,12 @@ def bench_drain(mode: str, jobs: int, processes: int, threads: int, timeout: flo
         result["attempts"] = Attempt.objects.count()
     result["seconds"] = end - entry["first"]
     result["jobs_per_s"] = jobs / result["seconds"]
+    # WAL per job over the whole drain (workers started and stopped included), and the commit rate
+    # measured just before it on the same database: the drain is reported against it.
+    result["wal_per_job"] = wal_per_job(wal_before, wal_totals(), jobs)
+    if commits_per_s is not None:
+        result["commit_rate_per_s"] = commits_per_s
+        result["jobs_per_commit_rate"] = result["jobs_per_s"] / commits_per_s
     return result
 
 

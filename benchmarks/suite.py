@@ -127,6 +127,28 @@ def table(results: dict[str, dict[str, dict[str, Any]]]) -> str:
             lines.append(
                 f"{'':<12} {'  p99':<10} {fmt(ours, ' ms'):>22} {fmt(theirs, ' ms'):>22} {fmt(ratio, 'x'):>7}"
             )
+        if workload == "drain" and modes.get("events", {}).get("commit_rate_per_s"):
+            rate = modes["events"]["commit_rate_per_s"]
+            against = "  ".join(
+                f"{mode} {modes[mode]['jobs_per_s'] / rate:.2f}x"
+                for mode in ("events", "plain", "floor")
+                if modes.get(mode, {}).get("jobs_per_s")
+            )
+            lines.append(f"{'':<12} {'  commits':<10} {rate:>18,.0f} /s   jobs/s against it: {against}")
+            syncs = "  ".join(
+                f"{mode} {modes[mode]['wal_per_job'].get('wal_sync', 0):.2f} syncs, "
+                f"{modes[mode]['wal_per_job'].get('wal_bytes', 0):,.0f} B"
+                for mode in ("events", "plain", "floor")
+                if modes.get(mode, {}).get("wal_per_job")
+            )
+            lines.append(f"{'':<12} {'  WAL/job':<10} {syncs}")
+        if workload in ("send", "fanout") and modes.get("events", {}).get("wal_bytes_median") is not None:
+            wal = "  ".join(
+                f"{mode} {modes[mode]['wal_bytes_median']:,.0f} B"
+                for mode in ("events", "plain", "floor")
+                if modes.get(mode, {}).get("wal_bytes_median") is not None
+            )
+            lines.append(f"{'':<12} {'  WAL/send':<10} {wal}")
     return "\n".join(lines)
 
 

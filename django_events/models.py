@@ -76,11 +76,11 @@ class Event(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid7, editable=False)
     name = models.CharField(max_length=255)
     data = models.JSONField(default=dict, blank=True)
-    idempotency_key = models.CharField(
+    # NULL, not "": no key. The partial unique constraint below covers only the events that have one.
+    idempotency_key = models.CharField(  # noqa: DJ001
         max_length=255,
         null=True,
         blank=True,
-        unique=True,
         help_text=_("The id given to send(); a second send with the same id returns this event."),
     )
     created_at = models.DateTimeField(default=timezone.now, editable=False)
@@ -90,6 +90,15 @@ class Event(models.Model):
         indexes = [
             models.Index(fields=["-created_at"], name="django_events_event_created"),
             models.Index(fields=["name", "-created_at"], name="django_events_event_name"),
+        ]
+        constraints = [
+            # Partial: most events have no key, and a send writes no entry for them. (A unique
+            # field would also get a second, LIKE-only index on PostgreSQL that nothing uses.)
+            models.UniqueConstraint(
+                fields=["idempotency_key"],
+                condition=Q(idempotency_key__isnull=False),
+                name="django_events_event_idempotency_key",
+            ),
         ]
         permissions = [("replay_event", "Can replay events")]
 
@@ -204,7 +213,8 @@ class Run(models.Model):
 class Attempt(models.Model):
     """One try of a run: when, where, and how it ended."""
 
-    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="attempt_set")
+    # No index of its own: the unique constraint on (run, number) serves every lookup by run.
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="attempt_set", db_index=False)
     number = models.PositiveIntegerField(help_text=_("1 for the first attempt."))
     started_at = models.DateTimeField()
     finished_at = models.DateTimeField()

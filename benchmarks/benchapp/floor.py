@@ -67,7 +67,7 @@ _ATTEMPT_FIELDS = [field.attname for field in Attempt._meta.concrete_fields if n
 
 def run_history(run_id: str) -> None:
     """Claim run ``run_id`` and record its success with its attempt: the hot path's two statements."""
-    claim_sql, _select_event = ledger._claim_sql(USING, False)
+    claim_sql, _select_event = ledger._claim_sql(USING, False, True)
     record_sql, _update, _insert = ledger._record_sql(USING)
     key = uuid.UUID(run_id)
     now = timezone.now()

@@ -11,7 +11,7 @@ import datetime as dt
 import uuid
 
 import pytest
-from django.db import connection
+from django.db import connection, transaction
 from django.forms.models import model_to_dict
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
@@ -287,7 +287,7 @@ def test_on_postgresql_the_hot_path_statements_are_prepared(transactional_db, se
     with connection.cursor() as cursor:
         cursor.execute("SELECT statement FROM pg_prepared_statements")
         prepared = [row[0] for row in cursor.fetchall()]
-    assert any(sql.startswith('UPDATE "django_events_run"') for sql in prepared), prepared
+    assert any(sql.startswith("WITH no_flush AS") and "UPDATE" in sql for sql in prepared), prepared
     assert any(sql.startswith("WITH moved AS") for sql in prepared), prepared
     assert any(sql.startswith("WITH inserted AS") for sql in prepared), prepared  # the send
     assert Run.objects.get(pk=run_id).result == {"ok": True}
@@ -300,3 +300,36 @@ def test_on_postgresql_the_hot_path_statements_are_prepared(transactional_db, se
     with connection.cursor() as cursor:
         cursor.execute("SELECT count(*) FROM pg_prepared_statements")
         assert cursor.fetchone()[0] == 0
+
+
+def test_a_claim_on_its_own_commits_without_a_flush_and_leaves_the_session_durable(transactional_db):
+    # Given a pending run, and a connection in autocommit (as a worker's is)
+    run_id = Run.objects.get(event=django_events.send("test/ok")).pk
+
+    # When it is claimed, in its own transaction
+    with CaptureQueriesContext(connection) as queries:
+        run = _claim(run_id)
+    assert run is not None
+    assert Run.objects.get(pk=run_id).status == RunStatus.RUNNING
+    claim = queries.captured_queries[0]["sql"]
+    if connection.vendor != "postgresql":
+        assert "set_config" not in claim  # SQLite commits as it is configured
+        return
+
+    # Then on PostgreSQL that one transaction was told not to wait for its WAL flush, in the statement
+    assert claim.startswith("WITH no_flush AS (SELECT set_config('synchronous_commit', 'off', true))")
+    # And it stopped there: the session, and whatever the function writes next, is durable
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW synchronous_commit")
+        assert cursor.fetchone()[0] == "on"
+
+
+def test_a_claim_inside_a_transaction_leaves_the_transaction_durable(transactional_db):
+    run_id = Run.objects.get(event=django_events.send("test/ok")).pk
+    with transaction.atomic(), CaptureQueriesContext(connection) as queries:
+        assert _claim(run_id) is not None
+        if connection.vendor == "postgresql":
+            with connection.cursor() as cursor:
+                cursor.execute("SHOW synchronous_commit")
+                assert cursor.fetchone()[0] == "on"
+    assert "set_config" not in queries.captured_queries[0]["sql"]
