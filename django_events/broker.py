@@ -156,7 +156,8 @@ def is_transactional(broker: dramatiq.Broker, using: str) -> bool:
 _MESSAGE_FIELDS = ("queue_name", "actor_name", "args", "kwargs", "options", "message_id", "message_timestamp")
 #: Largest magnitude of a number among a message's options (Dramatiq makes whole milliseconds of some).
 _MAX_OPTION_NUMBER = 2**63
-#: Largest ``time_limit`` option, in milliseconds (a lease this long is still a date).
+#: Largest ``time_limit`` option, and longest wait for an ``eta``, in milliseconds (ten years:
+#: a date this far ahead is still a date).
 _MAX_TIME_LIMIT = MAX_DURATION * 1000
 
 
@@ -475,6 +476,8 @@ class DatabaseBroker(Broker):
         rest of the transaction (``after_enqueue`` middleware hooks run at once,
         though, not on commit). Outside one it is committed at once.
 
+        A delay or ``eta`` more than ten years ahead, infinite included, is cut to ten years.
+
         Returns:
           The message as stored: with an ``eta`` option if delayed.
 
@@ -505,7 +508,9 @@ class DatabaseBroker(Broker):
             now = timezone.now()
             available_at = now
             if isinstance(eta, int | float) and not isinstance(eta, bool):
-                available_at = now + dt.timedelta(milliseconds=max(0, eta - current_millis()))
+                # At most ten years ahead: an infinite or enormous eta is not a date (nan is now).
+                wait = min(max(0, eta - current_millis()), _MAX_TIME_LIMIT)
+                available_at = now + dt.timedelta(milliseconds=wait)
             self.logger.debug("Enqueueing message %r on queue %r.", message.message_id, queue_name)
             self.emit_before("enqueue", message, delay)
             rows.append(

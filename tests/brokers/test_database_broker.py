@@ -418,3 +418,16 @@ def test_enqueue_many_writes_every_message_in_one_statement_with_hooks_for_each(
     assert [row.message_id for row in rows] == [m.message_id for m in stored]
     assert all(row.available_at > row.created_at + dt.timedelta(seconds=59) for row in rows)
     assert [dramatiq.Message.decode(bytes(row.body)).args for row in rows] == [m.args for m in messages]
+
+
+@pytest.mark.parametrize("eta", [float("inf"), 1e300, 10**400])
+def test_an_infinite_or_enormous_eta_waits_ten_years_instead_of_failing(kit: Kit, eta: Any) -> None:
+    # Given a message whose eta is not a date
+    broker = kit.broker()
+
+    # When it is enqueued, then it is stored, due in ten years, and not delivered now
+    broker.enqueue(kit.message(1).copy(options={"eta": eta}))
+    row = QueuedMessage.objects.in_queue(kit.queue).get()
+    in_ten_years = row.created_at + dt.timedelta(days=3650)
+    assert abs(row.available_at - in_ten_years) < dt.timedelta(minutes=1)
+    assert nothing_within(kit.consume(broker), 0.2)
