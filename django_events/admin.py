@@ -83,6 +83,10 @@ MESSAGE_BADGES: dict[str, str] = {
     QueuedMessageState.TAKEN: RunStatus.RUNNING,
     QueuedMessageState.DEAD: RunStatus.DEAD,
 }
+#: The label of each value a badge shows, by its choices.
+_LABELS: dict[type[models.TextChoices], dict[str, StrOrPromise]] = {
+    choices: dict(choices.choices) for choices in (RunStatus, AttemptOutcome, QueuedMessageState)
+}
 
 
 @dataclass(frozen=True)
@@ -138,7 +142,7 @@ def _badge(value: str, choices: type[models.TextChoices] = RunStatus) -> SafeStr
     The label is the choice's; the colour is the value's own class in ``admin.css``,
     except that a message state borrows a run status's (:data:`MESSAGE_BADGES`).
     """
-    label = choices(value).label if value in choices.values else (value.replace("_", " ") or "-")
+    label = _LABELS[choices].get(value) or value.replace("_", " ") or "-"
     style = MESSAGE_BADGES.get(value, value) if choices is QueuedMessageState else value
     return _include("badge", {"style": style, "label": label})
 
