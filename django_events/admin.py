@@ -39,7 +39,7 @@ from django.utils.functional import Promise
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 from django.utils.translation import gettext_lazy as _
-from django.utils.translation import ngettext, ngettext_lazy
+from django.utils.translation import ngettext_lazy
 from dramatiq.errors import DecodeError
 
 from . import control
@@ -101,6 +101,8 @@ class Report:
 
 #: The report's second half, after the rows done.
 SKIPPED = ngettext_lazy("%(n)d skipped (%(why)s)", "%(n)d skipped (%(why)s)", "n")
+#: The report of a replay.
+CREATED = ngettext_lazy("%(n)d new run created.", "%(n)d new runs created.", "n")
 
 #: The run actions: what does the work, and how the report says what was done and skipped.
 RUN_ACTIONS: dict[str, tuple[Callable[[Iterable[Any]], control.Outcome], Report]] = {
@@ -531,7 +533,7 @@ class EventAdmin(_ReadOnlyAdmin):
         created = sum(len(control.replay_event(event)) for event in queryset)
         self.message_user(
             request,
-            ngettext("%(n)d new run created.", "%(n)d new runs created.", created) % {"n": created},
+            CREATED % {"n": created},
             messages.SUCCESS if created else messages.WARNING,
         )
 
@@ -554,7 +556,7 @@ class EventAdmin(_ReadOnlyAdmin):
         if runs:
             self.message_user(
                 request,
-                ngettext("%(n)d new run created.", "%(n)d new runs created.", len(runs)) % {"n": len(runs)},
+                CREATED % {"n": len(runs)},
                 messages.SUCCESS,
             )
         else:
