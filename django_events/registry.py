@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .conf import get_settings
+from .conf import MAX_DURATION, MAX_RETRIES, get_settings
 from .exceptions import DuplicateFunctionError, EventValidationError
 
 if TYPE_CHECKING:
@@ -28,6 +28,8 @@ __all__ = [
 
 #: Longest event name or function id, in characters (the database column size).
 MAX_NAME_LENGTH = 255
+#: Shortest time limit, in seconds: Dramatiq counts in milliseconds, and 0 would mean "no limit".
+MIN_TIME_LIMIT = 0.001
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -143,12 +145,19 @@ def function(
         validate_event_name(trigger)
     if id is not None and (not isinstance(id, str) or not id or len(id) > MAX_NAME_LENGTH):
         raise TypeError(f"A function id must be a non-empty str of at most {MAX_NAME_LENGTH} characters.")
-    if retries is not None and (isinstance(retries, bool) or not isinstance(retries, int) or retries < 0):
-        raise TypeError(f"retries must be a non-negative int, not {retries!r}.")
-    if time_limit is not None and (
-        isinstance(time_limit, bool) or not isinstance(time_limit, (int, float)) or time_limit <= 0
+    if retries is not None and (
+        isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= MAX_RETRIES
     ):
-        raise TypeError(f"time_limit must be a positive number of seconds, not {time_limit!r}.")
+        raise TypeError(f"retries must be an int from 0 to {MAX_RETRIES}, not {retries!r}.")
+    if time_limit is not None and (
+        isinstance(time_limit, bool)
+        or not isinstance(time_limit, (int, float))
+        or not MIN_TIME_LIMIT <= time_limit <= MAX_DURATION  # False for NaN too
+    ):
+        raise TypeError(
+            f"time_limit must be a number of seconds from {MIN_TIME_LIMIT} to {MAX_DURATION} (ten years), "
+            f"not {time_limit!r}."
+        )
 
     def decorator(fn: F) -> F:
         if not callable(fn):

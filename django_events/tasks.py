@@ -45,7 +45,8 @@ def _execute(*args: Any, **kwargs: Any) -> None:
     # The message's time limit is the one Dramatiq enforces: the lease follows from it, so the
     # run can be claimed and read in one statement.
     message = CurrentMessage.get_current_message()
-    lease = None if message is None else lease_for_time_limit(message.options.get("time_limit"))
+    # (A time limit of 0 means Dramatiq's default to Dramatiq, as None does here.)
+    lease = None if message is None else lease_for_time_limit(message.options.get("time_limit") or None)
     execute_run(args[0], lease=lease)
 
 
