@@ -7,8 +7,8 @@ from typing import Any
 
 import dramatiq
 import pytest
+from django.contrib import admin
 from django.db import DataError, connection, transaction
-from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
 import django_events
@@ -134,15 +134,34 @@ def test_a_search_holding_a_nul_character_is_refused_with_a_message(admin_client
     assert "Null characters are not allowed." in response.content.decode()
 
 
-def test_data_search_uses_the_index_friendly_form_of_each_database(admin_client, data_events):
-    # When the list is searched for key=value
-    with CaptureQueriesContext(connection) as queries:
-        assert _found(admin_client, "x=1") == {"int-1", "float-1", "text-1"}
+@pytest.mark.parametrize(
+    ("model", "term", "postgresql_index", "sqlite_form"),
+    [
+        (Event, "x=1", "django_events_event_data_gin", "json_each("),
+        (Run, "timed out", "django_events_run_error_trgm", "INSTR("),
+    ],
+)
+def test_searches_take_the_index_friendly_form_of_each_database(
+    rf, data_events, model, term, postgresql_index, sqlite_form
+):
+    # Given the search the admin makes for a term (event data, or words of a run's error)
+    model_admin = admin.site._registry[model]
+    queryset, _duplicates = model_admin.get_search_results(rf.get("/"), model.objects.order_by(), term)
+    sql, params = queryset.query.sql_with_params()
 
-    # Then PostgreSQL is asked for containment (which the GIN index on data serves),
-    # SQLite for the members of each object
-    expected = '"data" @> ' if connection.vendor == "postgresql" else "json_each("
-    assert any(expected in query["sql"] for query in queries.captured_queries)
+    # When PostgreSQL plans it with sequential scans ruled out
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SET LOCAL enable_seqscan = off")
+            cursor.execute(f"EXPLAIN {sql}", params)
+            plan = "\n".join(row[0] for row in cursor.fetchall())
+
+        # Then it reads the index made for that search (GIN on data, trigram on the error)
+        assert postgresql_index in plan, plan
+    else:
+        # (SQLite has no such index: its form reads each object's members, or finds the text
+        # whatever its length)
+        assert sqlite_form in sql
 
 
 @pytest.mark.parametrize(
