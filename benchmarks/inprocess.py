@@ -41,7 +41,7 @@ from django.db import transaction  # noqa: E402
 import django_events  # noqa: E402
 from benchmarks.benchapp import floor  # noqa: E402
 from benchmarks.driver import empty_queue, fresh_database  # noqa: E402
-from django_events import sending  # noqa: E402
+from django_events import dispatch  # noqa: E402
 from django_events.execution import execute_run  # noqa: E402
 from django_events.models import Run  # noqa: E402
 
@@ -94,7 +94,7 @@ def main() -> None:
     args = parser.parse_args()
     fresh_database()
     # No broker round trip in the sends: their messages are what plain Dramatiq sends too.
-    sending._enqueue_after_commit = lambda refs, delay, group: None  # type: ignore[assignment]
+    dispatch._send_after_commit = lambda refs, delay, group: None  # type: ignore[assignment]
     runs = bench_runs(args.count)
     sends = bench_sends(args.count)
     print(f"{'':8} {'django-events':>14} {'floor':>8} {'difference':>11}   (CPU ms, one thread)")
