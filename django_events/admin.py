@@ -43,6 +43,7 @@ from django.utils.translation import ngettext_lazy
 from dramatiq.errors import DecodeError
 
 from . import control
+from .broker import read_message
 from .changelists import (
     CappedCountPaginator,
     ContainsText,
@@ -55,6 +56,7 @@ from .changelists import (
     search_values,
     storable,
 )
+from .dispatch import ACTOR_NAME
 from .models import (
     FINAL_STATUSES,
     Attempt,
@@ -66,7 +68,6 @@ from .models import (
     RunStatus,
     sources_of,
 )
-from .tasks import ACTOR_NAME
 
 __all__ = ["CappedCountPaginator", "EventAdmin", "QueuedMessageAdmin", "RunAdmin"]
 
@@ -592,6 +593,15 @@ def _decode_body(queued: QueuedMessage) -> dramatiq.Message[Any] | None:
         return None
 
 
+def _malformed(queued: QueuedMessage) -> str:
+    """Why a worker could not process the message a row holds (``broker.read_message``), or ``""``."""
+    try:
+        read_message(bytes(queued.body))
+    except DecodeError as error:
+        return _printable(str(error))
+    return ""
+
+
 def _run_id(message: dramatiq.Message[Any]) -> uuid.UUID | None:
     """The run id a message of django-events' actor carries (its one argument), if it is one."""
     if message.actor_name != ACTOR_NAME or len(message.args) != 1 or message.kwargs:
@@ -663,6 +673,7 @@ class QueuedMessageAdmin(_ReadOnlyAdmin):
         message = _decode_body(queued)
         if message is None:
             return _include("message", {"undecodable": True, "text": repr(bytes(queued.body or b"")[:2000])})
+        problem = _malformed(queued)
         fields = {
             "actor_name": message.actor_name,
             "args": list(message.args),
@@ -673,7 +684,7 @@ class QueuedMessageAdmin(_ReadOnlyAdmin):
             text = _json_text(fields)
         except (TypeError, ValueError):  # a custom Dramatiq encoder may give what JSON cannot hold
             text = _printable(repr(fields))
-        return _include("message", {"undecodable": False, "text": text})
+        return _include("message", {"undecodable": False, "problem": problem, "text": text})
 
     # -- queries ---------------------------------------------------------------------------
 

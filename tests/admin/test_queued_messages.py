@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 from typing import Any
 
 import dramatiq
@@ -203,6 +204,33 @@ def test_page_of_an_undecodable_message(admin_client, rows):
     page = response.content.decode()
     assert "undecodable" in page
     assert "not a message" in page  # the raw body, shown escaped
+
+
+def test_page_of_a_malformed_message_says_what_is_wrong(admin_client):
+    # Given a dead row whose body decodes, but whose args are not a list and whose actor holds HTML
+    body = json.dumps(
+        {
+            "queue_name": _queue(),
+            "actor_name": "<b>actor</b>",
+            "args": "not a list",
+            "kwargs": {},
+            "options": {},
+            "message_id": "m-1",
+            "message_timestamp": 1,
+        }
+    ).encode()
+    row = _row(DEAD, body=body)
+
+    # When its page is shown
+    response = admin_client.get(_url(row))
+
+    # Then it says the message is malformed and why, escaped
+    assert response.status_code == 200
+    page = response.content.decode()
+    assert "malformed" in page
+    assert "args" in page
+    assert "<b>actor</b>" not in page
+    assert "&lt;b&gt;actor&lt;/b&gt;" in page
 
 
 def test_page_is_read_only_even_with_change_permission(client, django_user_model, rows):
