@@ -98,6 +98,10 @@ from dramatiq.message import Message
 
 from .conf import MAX_DURATION
 from .exceptions import ConfigurationError
+
+# The models are imported where they are used, not here: django-dramatiq imports this module
+# from its AppConfig's __init__ (to build the broker named in DRAMATIQ_BROKER), before Django's
+# app registry can load any model. There is no import cycle behind it.
 from .text import short_repr
 
 if TYPE_CHECKING:
