@@ -165,3 +165,13 @@ def _send_after_commit(refs: list[RunRef], delay: float | None, group: bool) -> 
                 "pending" if delay is None else "retrying",
             )
             return
+
+
+def run_queue(broker: dramatiq.Broker | None = None) -> str:
+    """The name of the queue that run messages go to on ``broker`` (default: the global broker).
+
+    The queue of the run actor if it is declared there (the name is fixed when the
+    worker starts), else ``QUEUE_NAME``. Recovery asks the broker how many messages
+    wait in it (``recovery``).
+    """
+    return _queue_name(broker or dramatiq.get_broker())

@@ -502,7 +502,7 @@ def cancel(run_ids: Iterable[Any], *, using: str, now: dt.datetime) -> int:
 
 
 def take_overdue(
-    *, cutoff: dt.datetime, now: dt.datetime, limit: int, using: str
+    *, cutoff: dt.datetime, now: dt.datetime, limit: int, using: str, skip_fanout_rest: bool = False
 ) -> list[tuple[Any, str, str]]:
     """Take up to ``limit`` waiting runs due before ``cutoff``, oldest first: due again at ``now``.
 
@@ -510,8 +510,16 @@ def take_overdue(
     later, leaves them alone until ``now`` is overdue in its turn. Returns
     ``(run id, function id, status)`` of the runs taken. Call it inside a
     transaction that also sends their messages.
+
+    ``skip_fanout_rest``: leave out the runs never attempted whose event has a run
+    that was (the rest of a fan-out: the worker that took the fan-out's message sent
+    them messages of their own, at the back of the queue, so their place in it is
+    later than their due time says).
     """
     overdue = Run.objects.using(using).waiting().filter(due_at__lt=cutoff).order_by("due_at")
+    if skip_fanout_rest:
+        started = Run.objects.using(using).filter(event_id=models.OuterRef("event_id"), attempts__gt=0)
+        overdue = overdue.exclude(models.Q(attempts=0) & models.Exists(started))
     with transaction.atomic(using=using):
         rows = list(_locked(overdue, using).values_list("pk", "function", "status")[:limit])
         if not rows:

@@ -2,19 +2,76 @@
 
 Three kinds of run are overdue:
 
-* ``pending`` past the grace period: the broker was down at commit time, or the
-  process died between commit and enqueue;
+* ``pending`` past the grace period (``RECOVERY_GRACE``): the broker was down at
+  commit time, or the process died between commit and enqueue;
 * ``retrying`` past its due time plus the grace period: the delayed message was lost;
 * ``running`` with an expired lease: the worker was killed mid-run. The attempt is
   recorded as ``lost`` and the run goes to ``retrying`` (due now), or ``dead`` if
   that was its last attempt, exactly as if the function had failed.
+
+**Lost, or only queued?** A waiting run whose message waits in the queue behind a
+long backlog is overdue too, and in the ledger it looks exactly like one whose
+message was lost. Sending it again would only add a duplicate to the backlog (a run
+is claimed once, so it is harmless, but it slows the drain when it is most behind).
+So once a pass finds overdue waiting runs, it asks the broker how many messages
+wait in the run queue (:func:`dispatch.run_queue`; one call: Redis ``LLEN`` and
+``HLEN`` of the queue and its delay queue, RabbitMQ's queue declaration, a
+``COUNT`` with the database broker) and uses what run messages always do: they go
+through that one queue first in, first out, and a run's ``due_at`` is when its
+message went in (a send sets it to the send time, a retry to the time its delayed
+message becomes deliverable, a re-send of recovery to the time of the re-send). It
+re-sends an overdue run only when, by the first rule that applies:
+
+1. **the queue is empty**: the broker has no run message ready to deliver, so an
+   overdue run's message is nowhere (or held by a worker that has not started it
+   after a whole grace period, which a re-send lets another worker run). Every
+   overdue run is sent again.
+2. **it was overtaken**: a run whose message went in later has already started
+   (the newest ``due_at`` of the running first attempts, each claimed from the only
+   message it ever had). Messages leave the queue in order, so an overdue run due
+   more than ``RECOVERY_GRACE`` before that one cannot still be queued. The grace
+   absorbs what makes a ``due_at`` and a place in the queue disagree a little: a
+   long transaction between the insert and the commit's enqueue, a delayed message
+   moved to the queue a moment after its eta, clocks of different hosts. The rest
+   of a fan-out is left out here: the worker that took the fan-out's message sent
+   them messages at the back of the queue, later than their ``due_at`` says.
+3. **it was counted missing**: nothing of ours is running, so the broker's count
+   is all there is. If it holds fewer run messages than there are runs waiting for
+   one, at least the difference were lost, and the oldest are the likeliest
+   (messages that are still queued are the most recently sent): the oldest
+   overdue runs, as many as the difference, are sent again. What the count covers
+   follows the broker: Redis and the database broker count the delayed messages
+   and those consumers hold unacknowledged too, and are compared with every
+   pending, retrying and running run; RabbitMQ counts only the messages ready in
+   the queue, and is compared with the waiting runs that are due.
+
+A broker that cannot count its queue (one of another kind, or a failed call) gets
+the behaviour of before: every overdue run is sent again; a warning says so once
+per process and reason.
+
+**Every lost run is sent again, in the end.** The errors of each rule go one way.
+A message of another actor on the run queue, a duplicate still queued, or a
+message between its run's outcome and its acknowledgement makes a count too high:
+that only delays a lost run, until the queue is empty (rule 1) or a run sent after
+it starts (rule 2), which a queue being worked through always comes to. A fan-out
+(one message for several runs) or a message held by RabbitMQ's consumers makes
+it too low, and two passes counting at the same moment each send the difference: a
+few duplicates. Rule 2 waits
+for the newest started run to be sent more than ``RECOVERY_GRACE`` after a lost
+one, so it never re-sends a run still queued unless the queue's order disagrees
+with the ``due_at`` order by more than the grace. Give run messages a queue of
+their own (``QUEUE_NAME``, the default ``"django_events"``): a busy actor sharing
+it keeps the queue from ever being empty, and recovery then relies on rule 2 alone.
 
 A pass is safe in every worker at once: on PostgreSQL the overdue rows are locked
 with ``SKIP LOCKED``, so two workers never take the same ones; everywhere, a
 waiting run's ``due_at`` is moved forward by the pass that takes it, so the next
 pass leaves it alone for another grace period, and a lost attempt is recorded with
 the same fenced write as any attempt. Workers run :func:`recover` every
-``RECOVERY_INTERVAL`` seconds in a thread started by ``EventsMiddleware``.
+``RECOVERY_INTERVAL`` seconds in a thread started by ``EventsMiddleware``. A pass
+with nothing overdue costs one indexed query; one with overdue runs adds the
+broker call, the newest running first attempt (read through the index of running
+runs) and, for rule 3 only, one count of the runs.
 """
 
 from __future__ import annotations
@@ -22,22 +79,44 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import random
+import sys
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
+import dramatiq
 from django.db import close_old_connections, connections, router, transaction
+from django.db.models import Count, F, Max, Q
 from django.utils import timezone
+from dramatiq.common import dq_name
 
 from . import dispatch, ledger
+from .broker import DatabaseBroker
 from .conf import get_settings
 from .exceptions import WorkerLostError
 from .execution import Execution, Failure, backoff_delay, record
-from .models import AttemptOutcome, Run
+from .models import WAITING_STATUSES, AttemptOutcome, QueuedMessage, Run, RunStatus
 
-__all__ = ["RecoveryLoop", "RecoveryReport", "recover"]
+__all__ = [
+    "COUNTED_MISSING",
+    "NO_COUNT",
+    "OVERTAKEN",
+    "QUEUE_EMPTY",
+    "RecoveryLoop",
+    "RecoveryReport",
+    "recover",
+]
 
 logger = logging.getLogger("django_events")
+
+#: ``RecoveryReport.reason``: the broker cannot count its queue; every overdue run is sent again.
+NO_COUNT = "the broker cannot count its queue"
+#: ``RecoveryReport.reason``: rule 1, no run message is ready in the queue.
+QUEUE_EMPTY = "the run queue is empty"
+#: ``RecoveryReport.reason``: rule 2, runs sent later have started.
+OVERTAKEN = "runs sent later have started"
+#: ``RecoveryReport.reason``: rule 3, the queue holds fewer messages than runs wait for.
+COUNTED_MISSING = "the run queue holds fewer messages than runs wait for"
 
 
 @dataclass
@@ -48,6 +127,10 @@ class RecoveryReport:
     requeued: list[tuple[Any, str, str]] = field(default_factory=list)
     #: Running runs whose lease had expired: ``(run id, function, what became of it)``.
     lost: list[tuple[Any, str, str]] = field(default_factory=list)
+    #: How the pass told lost messages from queued ones, if it found overdue waiting runs:
+    #: :data:`QUEUE_EMPTY`, :data:`OVERTAKEN`, :data:`COUNTED_MISSING` or :data:`NO_COUNT`
+    #: (empty when none was overdue).
+    reason: str = ""
 
     @property
     def total(self) -> int:
@@ -70,28 +153,152 @@ def recover(
     limit = limit or conf.RECOVERY_BATCH
     using = router.db_for_write(Run)
     report = RecoveryReport()
-    _requeue_waiting(report, now - dt.timedelta(seconds=conf.RECOVERY_GRACE), now, limit, using, dry_run)
+    _requeue_waiting(report, dt.timedelta(seconds=conf.RECOVERY_GRACE), now, limit, using, dry_run)
     _recover_lost(report, now, limit, using, dry_run)
     if report.total and not dry_run:
         logger.warning(
-            "Recovery: re-enqueued %d overdue run(s) and took back %d run(s) whose worker died.",
+            "Recovery: re-enqueued %d overdue run(s)%s and took back %d run(s) whose worker died.",
             len(report.requeued),
+            f" ({report.reason})" if report.requeued else "",
             len(report.lost),
         )
     return report
 
 
+@dataclass(frozen=True)
+class _Take:
+    """Which overdue runs a pass sends again: due before ``cutoff``, oldest first, at most ``limit``."""
+
+    cutoff: dt.datetime
+    limit: int
+    reason: str
+    skip_fanout_rest: bool = False
+
+
 def _requeue_waiting(
-    report: RecoveryReport, cutoff: dt.datetime, now: dt.datetime, limit: int, using: str, dry_run: bool
+    report: RecoveryReport, grace: dt.timedelta, now: dt.datetime, limit: int, using: str, dry_run: bool
 ) -> None:
-    if dry_run:
-        overdue = Run.objects.using(using).waiting().filter(due_at__lt=cutoff).order_by("due_at")
-        report.requeued.extend(overdue.values_list("pk", "function", "status")[:limit])
+    cutoff = now - grace
+    if not Run.objects.using(using).waiting().filter(due_at__lt=cutoff).exists():
+        return  # nothing overdue: no need to ask the broker
+    take = _judge(now, grace, limit, using)
+    report.reason = take.reason
+    if take.limit <= 0:
         return
     with transaction.atomic(using=using):
-        rows = ledger.take_overdue(cutoff=cutoff, now=now, limit=limit, using=using)
-        dispatch.send_with_transaction([(pk, function) for pk, function, _status in rows], using)
+        rows = ledger.take_overdue(
+            cutoff=take.cutoff, now=now, limit=take.limit, using=using, skip_fanout_rest=take.skip_fanout_rest
+        )
+        if dry_run:
+            transaction.set_rollback(True, using=using)  # the same choice as a pass, undone
+        else:
+            dispatch.send_with_transaction([(pk, function) for pk, function, _status in rows], using)
     report.requeued.extend(rows)
+
+
+def _judge(now: dt.datetime, grace: dt.timedelta, limit: int, using: str) -> _Take:
+    """Which of the overdue runs lost their message, by the rules of the module's docstring."""
+    cutoff = now - grace
+    broker = dramatiq.get_broker()
+    try:
+        queue = _count_queue(broker)
+    except Exception:
+        _warn_once(
+            f"error:{type(broker).__qualname__}",
+            "Recovery could not count the messages of the run queue on %s; every overdue run is sent "
+            "again, queued behind a backlog or not.",
+            type(broker).__qualname__,
+            exc_info=True,
+        )
+        return _Take(cutoff, limit, NO_COUNT)
+    if queue is None:
+        _warn_once(
+            f"unknown:{type(broker).__qualname__}",
+            "Recovery cannot count the messages of the run queue on %s (it can on Redis, RabbitMQ and "
+            "the database broker); every overdue run is sent again, queued behind a backlog or not.",
+            type(broker).__qualname__,
+        )
+        return _Take(cutoff, limit, NO_COUNT)
+    if queue.ready == 0:
+        return _Take(cutoff, limit, QUEUE_EMPTY)
+    # Rule 2: the newest run started from the one message it ever had (first attempt, due_at still
+    # its send time). Running runs are few, and read through their own index.
+    started = (
+        Run.objects.using(using)
+        .filter(status=RunStatus.RUNNING, attempts=1, due_at=F("created_at"))
+        .aggregate(newest=Max("due_at"))["newest"]
+    )
+    if started is not None:
+        return _Take(min(cutoff, started - grace), limit, OVERTAKEN, skip_fanout_rest=True)
+    runs = Run.objects.using(using)
+    if queue.held:
+        waiting = runs.filter(status__in=sorted({*WAITING_STATUSES, RunStatus.RUNNING})).count()
+    else:
+        waiting = runs.due(now).count()
+    return _Take(cutoff, max(0, min(limit, waiting - queue.total)), COUNTED_MISSING)
+
+
+@dataclass(frozen=True)
+class _QueueCount:
+    """What a broker says of the run queue."""
+
+    #: Messages a consumer may take now.
+    ready: int
+    #: Messages the comparison counts: ``ready``, and with ``held`` the delayed ones and those
+    #: consumers hold unacknowledged.
+    total: int
+    #: Whether ``total`` counts the delayed and the held messages.
+    held: bool
+
+
+def _count_queue(broker: dramatiq.Broker) -> _QueueCount | None:
+    """What ``broker`` says of the run queue, or ``None`` for a broker this cannot ask."""
+    queue = dispatch.run_queue(broker)
+    if isinstance(broker, DatabaseBroker):
+        # Only the run actor's messages (the table knows each message's actor).
+        counts = (
+            QueuedMessage.objects.using(broker.database)
+            .in_queue(queue)
+            .pending()
+            .filter(actor_name=dispatch.ACTOR_NAME)
+            .aggregate(total=Count("pk"), ready=Count("pk", filter=Q(available_at__lte=timezone.now())))
+        )
+        return _QueueCount(ready=counts["ready"], total=counts["total"], held=True)
+    if _is_a(broker, "dramatiq.brokers.redis", "RedisBroker"):
+        # Dramatiq's layout (dramatiq/brokers/redis/dispatch.lua): "<ns>:<queue>" lists the ready
+        # message ids; "<ns>:<queue>.msgs" holds every message not yet acknowledged (ready, or
+        # fetched by a consumer); "<ns>:<queue>.DQ.msgs" the same for the delay queue.
+        redis = cast(Any, broker)
+        prefix = f"{redis.namespace}:"
+        with redis.client.pipeline(transaction=True) as pipe:
+            pipe.llen(prefix + queue)
+            pipe.hlen(f"{prefix}{queue}.msgs")
+            pipe.hlen(f"{prefix}{dq_name(queue)}.msgs")
+            ready, stored, delayed = pipe.execute()
+        return _QueueCount(ready=int(ready), total=int(stored) + int(delayed), held=True)
+    if _is_a(broker, "dramatiq.brokers.rabbitmq", "RabbitmqBroker"):
+        # The messages ready in the queue; RabbitMQ does not count those its consumers hold.
+        ready = int(cast(Any, broker).get_queue_message_counts(queue)[0])
+        return _QueueCount(ready=ready, total=ready, held=False)
+    return None
+
+
+def _is_a(broker: dramatiq.Broker, module: str, name: str) -> bool:
+    """Whether ``broker`` is an instance of ``module.name``, without importing it (an optional extra)."""
+    cls = getattr(sys.modules.get(module), name, None)
+    return isinstance(cls, type) and isinstance(broker, cls)
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str, *args: Any, exc_info: bool = False) -> None:
+    """Log ``message`` as a warning the first time for ``key`` in this process, then at debug level."""
+    if key in _warned:
+        logger.debug(message, *args, exc_info=exc_info)
+        return
+    _warned.add(key)
+    logger.warning(message, *args, exc_info=exc_info)
 
 
 def _recover_lost(report: RecoveryReport, now: dt.datetime, limit: int, using: str, dry_run: bool) -> None:

@@ -6,22 +6,44 @@ import datetime as dt
 import logging
 from io import StringIO
 
+import dramatiq
 import pytest
 from django.core.management import CommandError, call_command
 from django.utils import timezone
+from dramatiq.brokers.redis import RedisBroker
+from dramatiq.brokers.stub import StubBroker
 from dramatiq.middleware.shutdown import Shutdown
 
 import django_events
-from django_events import signals
+from django_events import dispatch, recovery, signals
 from django_events.execution import RUN_DEAD_EVENT, Execution, execute_run, record
 from django_events.models import Attempt, AttemptOutcome, Event, Run, RunStatus
-from django_events.recovery import recover
+from django_events.recovery import NO_COUNT, QUEUE_EMPTY, recover
 from django_events.registry import function, unregister
 from django_events.testing import run_all, run_due
 from tests.testapp.models import Call
 
 # Every test here runs with the ledger's vendor statements and with its portable forms.
 pytestmark = pytest.mark.usefixtures("ledger_form")
+
+
+@pytest.fixture(autouse=True)
+def _no_message_queued() -> None:
+    """Recovery asks the broker what waits in the run queue: each test starts with nothing there.
+
+    (In these tests no message is ever sent: on-commit callbacks do not run inside the test's
+    transaction. The broker is the real Redis of the settings.)
+    """
+    broker = dramatiq.get_broker()
+    broker.flush(dispatch.run_queue(broker))
+
+
+@pytest.fixture
+def global_broker():
+    """Sets the global broker for one test: ``global_broker(broker)``."""
+    previous = dramatiq.get_broker()
+    yield dramatiq.set_broker
+    dramatiq.set_broker(previous)
 
 
 def _age(run: Run, **delta: float) -> None:
@@ -56,6 +78,67 @@ def test_overdue_pending_run_is_requeued_once(db, django_capture_on_commit_callb
     run.refresh_from_db()
     assert run.status == RunStatus.PENDING
     assert timezone.now() - run.due_at < dt.timedelta(seconds=5)
+
+
+def test_overdue_run_with_no_message_queued_is_requeued_because_the_queue_is_empty(db):
+    run = Run.objects.get(event=django_events.send("test/ok"))
+    _age(run, seconds=61)
+    report = recover()
+    assert report.requeued == [(run.pk, "tests.ok", "pending")]
+    assert report.reason == QUEUE_EMPTY
+
+
+def test_a_broker_that_cannot_count_its_queue_gets_every_overdue_run_sent_again(
+    db, caplog, monkeypatch, global_broker
+):
+    # Given a broker recovery cannot ask about its queue, and two overdue runs
+    monkeypatch.setattr(recovery, "_warned", set())
+    global_broker(StubBroker())
+    runs = [Run.objects.get(event=django_events.send("test/ok", {"i": i})) for i in range(2)]
+    for run in runs:
+        _age(run, seconds=61)
+
+    # When recovery passes, and again once another run is overdue
+    first = recover()
+    later = Run.objects.get(event=django_events.send("test/ok", {"i": 2}))
+    _age(later, seconds=61)
+    second = recover()
+
+    # Then every overdue run is sent again, as before recovery could tell, with one warning
+    assert sorted(pk for pk, _f, _s in first.requeued) == sorted(run.pk for run in runs)
+    assert [pk for pk, _f, _s in second.requeued] == [later.pk]
+    assert first.reason == second.reason == NO_COUNT
+    warnings = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Recovery cannot count")]
+    assert len(warnings) == 1
+    assert "cannot count the messages of the run queue on StubBroker" in warnings[0]
+
+
+def test_when_the_broker_cannot_be_reached_every_overdue_run_is_sent_again(
+    db, caplog, monkeypatch, global_broker
+):
+    # Given a Redis broker that refuses connections, and an overdue run
+    monkeypatch.setattr(recovery, "_warned", set())
+    global_broker(RedisBroker(url="redis://127.0.0.1:1/0"))
+    run = Run.objects.get(event=django_events.send("test/ok"))
+    _age(run, seconds=61)
+
+    # When recovery passes
+    report = recover()
+
+    # Then the run is sent again (on commit; that send fails and is logged) and the failure said
+    assert report.requeued == [(run.pk, "tests.ok", "pending")]
+    assert report.reason == NO_COUNT
+    assert any("could not count the messages of the run queue" in r.getMessage() for r in caplog.records)
+
+
+def test_a_pass_with_nothing_overdue_does_not_ask_the_broker(db, caplog, monkeypatch, global_broker):
+    monkeypatch.setattr(recovery, "_warned", set())
+    global_broker(RedisBroker(url="redis://127.0.0.1:1/0"))
+    run = Run.objects.get(event=django_events.send("test/ok"))
+    _age(run, seconds=30)
+    report = recover()
+    assert (report.total, report.reason) == (0, "")
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
 
 
 def test_recent_pending_run_is_left_to_its_message(db):
