@@ -38,16 +38,23 @@ from .exceptions import (
     RetryAfterError,
 )
 from .models import WAITING_STATUSES, Attempt, AttemptOutcome, Run, RunStatus
-from .registry import Context, get_function, time_limit_ms_for
+from .registry import Context, get_function, lease_seconds
 from .sending import send
 from .text import clip, short_repr, storable, storable_json
 
-__all__ = ["RUN_DEAD_EVENT", "Execution", "Failure", "backoff_delay", "classify", "execute_run", "record"]
+__all__ = [
+    "RUN_DEAD_EVENT",
+    "Execution",
+    "Failure",
+    "backoff_delay",
+    "classify",
+    "execute_run",
+    "lease_seconds",
+    "record",
+]
 
 logger = logging.getLogger("django_events")
 
-#: Dramatiq's own default time limit, used for the lease when nothing else is set.
-DRAMATIQ_DEFAULT_TIME_LIMIT = 600.0
 #: Longest ``last_error`` kept on a run, in characters (the full text is on the attempt).
 LAST_ERROR_LENGTH = 1000
 
@@ -99,17 +106,6 @@ def backoff_delay(attempt: int) -> float:
     conf = get_settings()
     base = min(conf.RETRY_BACKOFF_MAX, conf.RETRY_BACKOFF_MIN * 2 ** min(max(attempt - 1, 0), 62))
     return min(conf.RETRY_BACKOFF_MAX, random.uniform(base, base * 1.5))
-
-
-def lease_seconds(function_id: str) -> float:
-    """How long a worker holds a run of ``function_id``: its time limit plus ``LEASE_MARGIN``."""
-    return lease_for_time_limit(time_limit_ms_for(function_id))
-
-
-def lease_for_time_limit(time_limit_ms: float | None) -> float:
-    """The lease, in seconds, of an attempt under a time limit in ms (``None``: Dramatiq's default)."""
-    limit = DRAMATIQ_DEFAULT_TIME_LIMIT if time_limit_ms is None else time_limit_ms / 1000
-    return limit + get_settings().LEASE_MARGIN
 
 
 def execute_run(

@@ -44,7 +44,7 @@ from django.db.models.functions import Coalesce
 
 from . import rawsql
 from .models import TRANSITIONS, WAITING_STATUSES, Attempt, Event, Run, RunStatus, sources_of
-from .registry import functions_for, max_attempts_for
+from .registry import functions_for, lease_seconds, max_attempts_for, registered_functions
 
 __all__ = [
     "cancel",
@@ -263,8 +263,8 @@ def _claim_sql(using: str, ignore_due: bool, own_transaction: bool = False) -> t
     and WAL is written in order, so once the record is on disk the claim is too. A
     crash of PostgreSQL can lose only claims whose record has not been written yet:
     those runs are waiting again after the crash and run again (at least once, as
-    after any crash), and recovery holds back their new message until the attempts
-    cut off by the crash are over (``recovery``), so that two attempts never overlap.
+    after any crash), and :func:`take_overdue` holds back their new message until the
+    attempts cut off by the crash are over, so that two attempts never overlap.
     """
     connection = connections[using]
     quote = connection.ops.quote_name
@@ -511,12 +511,17 @@ def take_overdue(
     ``(run id, function id, status)`` of the runs taken. Call it inside a
     transaction that also sends their messages.
 
+    Runs whose attempt may still be running are not taken: see :func:`_maybe_still_running`.
+
     ``skip_fanout_rest``: leave out the runs never attempted whose event has a run
     that was (the rest of a fan-out: the worker that took the fan-out's message sent
     them messages of their own, at the back of the queue, so their place in it is
     later than their due time says).
     """
     overdue = Run.objects.using(using).waiting().filter(due_at__lt=cutoff).order_by("due_at")
+    cut_off = _maybe_still_running(using, now)
+    if cut_off is not None:
+        overdue = overdue.exclude(cut_off)
     if skip_fanout_rest:
         started = Run.objects.using(using).filter(event_id=models.OuterRef("event_id"), attempts__gt=0)
         overdue = overdue.exclude(models.Q(attempts=0) & models.Exists(started))
@@ -535,6 +540,34 @@ def take_overdue(
             .values_list("pk", flat=True)
         )
     return [row for row in rows if row[0] in mine]
+
+
+def _maybe_still_running(using: str, now: dt.datetime) -> models.Q | None:
+    """The waiting runs whose claim a crash of PostgreSQL may have lost while their attempt runs on.
+
+    A claim commits without its own WAL flush (:func:`claim`), so a crash of the
+    server (not a clean restart) can lose the claims of its last moments: their
+    runs look waiting again, as if never claimed, while the attempt goes on in a
+    worker that outlived the crash. Such a run was due before the server started,
+    and its attempt ends within its lease (the function's time limit, which Dramatiq
+    enforces, plus ``LEASE_MARGIN``) of the claim. So until a lease has passed since
+    the server started, those runs get no new message: two attempts of a run never
+    overlap. (A clean restart holds them back the same way; it costs only a delay.)
+    Runs of a function no longer registered are not held: they fail at once, running
+    nothing. ``None`` on other databases, and once every lease has passed.
+    """
+    connection = connections[using]
+    if connection.vendor != "postgresql":
+        return None
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_postmaster_start_time()")
+        started = cursor.fetchone()[0]
+    held = [
+        spec.id
+        for spec in registered_functions()
+        if started + dt.timedelta(seconds=lease_seconds(spec.id)) > now
+    ]
+    return models.Q(due_at__lt=started, function__in=held) if held else None
 
 
 def lease_expired(*, now: dt.datetime, limit: int, using: str) -> list[Run]:

@@ -20,6 +20,8 @@ __all__ = [
     "function",
     "functions_for",
     "get_function",
+    "lease_for_time_limit",
+    "lease_seconds",
     "max_attempts_for",
     "registered_functions",
     "time_limit_ms_for",
@@ -28,6 +30,8 @@ __all__ = [
 
 #: Longest event name or function id, in characters (the database column size).
 MAX_NAME_LENGTH = 255
+#: Dramatiq's own default time limit, in seconds: the ``TimeLimit`` middleware's when nothing else is set.
+DRAMATIQ_DEFAULT_TIME_LIMIT = 600.0
 #: Shortest time limit, in seconds: Dramatiq counts in milliseconds, and 0 would mean "no limit".
 MIN_TIME_LIMIT = 0.001
 
@@ -235,6 +239,17 @@ def time_limit_ms_for(function_id: str) -> int | None:
     """
     spec = _functions.get(function_id)
     return spec.time_limit_ms() if spec is not None else get_settings().default_time_limit_ms
+
+
+def lease_seconds(function_id: str) -> float:
+    """How long a worker holds a run of ``function_id``: its time limit plus ``LEASE_MARGIN``."""
+    return lease_for_time_limit(time_limit_ms_for(function_id))
+
+
+def lease_for_time_limit(time_limit_ms: float | None) -> float:
+    """The lease, in seconds, of an attempt under a time limit in ms (``None``: Dramatiq's default)."""
+    limit = DRAMATIQ_DEFAULT_TIME_LIMIT if time_limit_ms is None else time_limit_ms / 1000
+    return limit + get_settings().LEASE_MARGIN
 
 
 def registered_functions() -> Iterable[Function]:

@@ -21,8 +21,9 @@ from dramatiq.middleware import CurrentMessage
 from . import dispatch
 from .conf import get_settings
 from .dispatch import ACTOR_NAME
-from .execution import execute_run, lease_for_time_limit
+from .execution import execute_run
 from .models import Run
+from .registry import lease_for_time_limit
 from .text import short_repr
 
 logger = logging.getLogger("django_events")

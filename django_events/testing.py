@@ -22,8 +22,9 @@ from typing import Any
 
 from django.utils import timezone
 
-from .execution import Execution, execute_run, lease_seconds
+from .execution import Execution, execute_run
 from .models import Run, RunStatus
+from .registry import lease_seconds
 
 __all__ = ["RunsDidNotSettle", "run_all", "run_due"]
 

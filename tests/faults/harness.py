@@ -192,7 +192,9 @@ class PostgresCluster:
     every server command runs through ``runuser``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *options: str) -> None:
+        """``options``: more ``-c name=value`` settings for the server (``"wal_writer_delay=10s"``)."""
+        self.options = "".join(f" -c {option}" for option in options)
         self.bindir = _postgres_bindir()
         self.port = free_port()
         # Not under pytest's tmp_path: as root that is a 0700 directory the postgres user cannot enter.
@@ -231,7 +233,7 @@ class PostgresCluster:
         for tries_left in range(2, -1, -1):
             options = (
                 f"-p {self.port} -k {self.socket_dir} -c listen_addresses=127.0.0.1 "
-                "-c fsync=off -c full_page_writes=off -c max_connections=100"
+                f"-c fsync=off -c full_page_writes=off -c max_connections=100{self.options}"
             )
             try:
                 self._run(
@@ -260,6 +262,13 @@ class PostgresCluster:
         self._run(
             "pg_ctl", "-D", str(self.data), "-l", str(self.log), "-m", "fast", "-w", "-t", "60", "restart"
         )
+        self.restarts += 1
+
+    def crash(self) -> None:
+        """Stop the server as a crash would (``-m immediate``: no checkpoint, WAL not yet written is
+        lost), then start it again: it recovers from its WAL."""
+        self.stop()
+        self.start()
         self.restarts += 1
 
     def stop(self) -> None:

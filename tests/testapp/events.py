@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Any
 
 import django_events
@@ -99,6 +100,20 @@ def faults_ok(ctx: Context) -> int:
     """Records the call (duplicates are counted from ``Call`` rows); sleeps ``data["sleep"]`` seconds."""
     _record(ctx, "faults_ok")
     time.sleep(ctx.event.data.get("sleep", 0))
+    return ctx.attempt
+
+
+@django_events.function("faults/marked", id="tests.faults_marked", retries=3, time_limit=5)
+def faults_marked(ctx: Context) -> int:
+    """Works ``data["seconds"]`` without touching the database, and writes when it started and ended
+    to the file ``data["marker"]``: a line ``start TOKEN TIME`` and a line ``end TOKEN TIME`` per
+    execution (``time.time()``), so that a test can tell whether two executions overlapped."""
+    token = uuid.uuid4().hex
+    with open(ctx.event.data["marker"], "a") as marker:
+        marker.write(f"start {token} {time.time()}\n")
+    time.sleep(ctx.event.data["seconds"])
+    with open(ctx.event.data["marker"], "a") as marker:
+        marker.write(f"end {token} {time.time()}\n")
     return ctx.attempt
 
 
