@@ -49,7 +49,6 @@ __all__ = [
     "backoff_delay",
     "classify",
     "execute_run",
-    "lease_seconds",
     "record",
 ]
 
