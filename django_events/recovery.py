@@ -15,8 +15,8 @@ message was lost. Sending it again would only add a duplicate to the backlog (a 
 is claimed once, so it is harmless, but it slows the drain when it is most behind).
 So once a pass finds overdue waiting runs, it asks the broker how many messages
 wait in the run queue (:func:`dispatch.run_queue`; one call: Redis ``LLEN`` and
-``HLEN`` of the queue and its delay queue, RabbitMQ's queue declaration, a
-``COUNT`` with the database broker) and uses what run messages always do: they go
+``HLEN`` of the queue, RabbitMQ's queue declaration, a ``COUNT`` with the database
+broker) and uses what run messages always do: they go
 through that one queue first in, first out, and a run's ``due_at`` is when its
 message went in (a send sets it to the send time, a retry to the time its delayed
 message becomes deliverable, a re-send of recovery to the time of the re-send). It
@@ -35,33 +35,32 @@ re-sends an overdue run only when, by the first rule that applies:
    moved to the queue a moment after its eta, clocks of different hosts. The rest
    of a fan-out is left out here: the worker that took the fan-out's message sent
    them messages at the back of the queue, later than their ``due_at`` says.
-3. **it was counted missing**: nothing of ours is running, so the broker's count
-   is all there is. If it holds fewer run messages than there are runs waiting for
-   one, at least the difference were lost, and the oldest are the likeliest
-   (messages that are still queued are the most recently sent): the oldest
-   overdue runs, as many as the difference, are sent again. What the count covers
-   follows the broker: Redis and the database broker count the delayed messages
-   and those consumers hold unacknowledged too, and are compared with every
-   pending, retrying and running run; RabbitMQ counts only the messages ready in
-   the queue, and is compared with the waiting runs that are due.
+3. **it was counted missing**: no first attempt is running, so the count is all
+   there is. Every message the broker counts in the queue (ready, or fetched by a
+   consumer and not yet acknowledged, where the broker can say) could belong to an
+   overdue run, so if there are more overdue runs than messages, at least the
+   difference lost theirs; the oldest are the likeliest (the messages still queued
+   are the most recently sent), and the oldest overdue runs, as many as the
+   difference, are sent again. Delayed messages are not counted: they belong to
+   retries not due yet, which are not overdue either.
 
 A broker that cannot count its queue (one of another kind, or a failed call) gets
 the behaviour of before: every overdue run is sent again; a warning says so once
 per process and reason.
 
-**Every lost run is sent again, in the end.** The errors of each rule go one way.
-A message of another actor on the run queue, a duplicate still queued, or a
-message between its run's outcome and its acknowledgement makes a count too high:
-that only delays a lost run, until the queue is empty (rule 1) or a run sent after
-it starts (rule 2), which a queue being worked through always comes to. A fan-out
-(one message for several runs) or a message held by RabbitMQ's consumers makes
-it too low, and two passes counting at the same moment each send the difference: a
-few duplicates. Rule 2 waits
-for the newest started run to be sent more than ``RECOVERY_GRACE`` after a lost
-one, so it never re-sends a run still queued unless the queue's order disagrees
-with the ``due_at`` order by more than the grace. Give run messages a queue of
-their own (``QUEUE_NAME``, the default ``"django_events"``): a busy actor sharing
-it keeps the queue from ever being empty, and recovery then relies on rule 2 alone.
+**Every lost run is sent again, in the end, and a queued one seldom.** The errors
+go one way or the other, never both. A message in the count that is not an overdue
+run's (a run sent within the grace period, a running run's, another actor's, a
+duplicate) makes rule 3 find fewer lost runs: that only delays them, until the
+queue is empty (rule 1) or a run sent after them starts (rule 2), which a queue
+being worked through always comes to. Run messages the count misses make it find
+too many, that is a few duplicates: a fan-out's message carries several runs, a
+worker holds up to twice its threads' messages that RabbitMQ does not count, and
+two passes counting at the same moment each send the difference. Rule 2 re-sends a
+run still queued only where the queue's order and the ``due_at`` order disagree by
+more than the grace period. Give run messages a queue of their own (``QUEUE_NAME``,
+the default ``"django_events"``): a busy actor sharing it keeps the queue from ever
+being empty, and then recovery relies on rule 2 alone.
 
 A pass is safe in every worker at once: on PostgreSQL the overdue rows are locked
 with ``SKIP LOCKED``, so two workers never take the same ones; everywhere, a
@@ -71,7 +70,8 @@ the same fenced write as any attempt. Workers run :func:`recover` every
 ``RECOVERY_INTERVAL`` seconds in a thread started by ``EventsMiddleware``. A pass
 with nothing overdue costs one indexed query; one with overdue runs adds the
 broker call, the newest running first attempt (read through the index of running
-runs) and, for rule 3 only, one count of the runs.
+runs) and, for rule 3 only, one count of the overdue runs (through the index of
+waiting runs).
 """
 
 from __future__ import annotations
@@ -88,14 +88,13 @@ import dramatiq
 from django.db import close_old_connections, connections, router, transaction
 from django.db.models import Count, F, Max, Q
 from django.utils import timezone
-from dramatiq.common import dq_name
 
 from . import dispatch, ledger
 from .broker import DatabaseBroker
 from .conf import get_settings
 from .exceptions import WorkerLostError
 from .execution import Execution, Failure, backoff_delay, record
-from .models import WAITING_STATUSES, AttemptOutcome, QueuedMessage, Run, RunStatus
+from .models import AttemptOutcome, QueuedMessage, QueuedMessageState, Run, RunStatus
 
 __all__ = [
     "COUNTED_MISSING",
@@ -230,56 +229,54 @@ def _judge(now: dt.datetime, grace: dt.timedelta, limit: int, using: str) -> _Ta
     )
     if started is not None:
         return _Take(min(cutoff, started - grace), limit, OVERTAKEN, skip_fanout_rest=True)
-    runs = Run.objects.using(using)
-    if queue.held:
-        waiting = runs.filter(status__in=sorted({*WAITING_STATUSES, RunStatus.RUNNING})).count()
-    else:
-        waiting = runs.due(now).count()
-    return _Take(cutoff, max(0, min(limit, waiting - queue.total)), COUNTED_MISSING)
+    overdue = Run.objects.using(using).waiting().filter(due_at__lt=cutoff).count()
+    return _Take(cutoff, max(0, min(limit, overdue - queue.messages)), COUNTED_MISSING)
 
 
 @dataclass(frozen=True)
 class _QueueCount:
-    """What a broker says of the run queue."""
+    """What a broker says of the run queue (its delay queue aside)."""
 
     #: Messages a consumer may take now.
     ready: int
-    #: Messages the comparison counts: ``ready``, and with ``held`` the delayed ones and those
-    #: consumers hold unacknowledged.
-    total: int
-    #: Whether ``total`` counts the delayed and the held messages.
-    held: bool
+    #: Messages not yet acknowledged: ``ready``, and those consumers hold where the broker counts them.
+    messages: int
 
 
 def _count_queue(broker: dramatiq.Broker) -> _QueueCount | None:
     """What ``broker`` says of the run queue, or ``None`` for a broker this cannot ask."""
     queue = dispatch.run_queue(broker)
     if isinstance(broker, DatabaseBroker):
-        # Only the run actor's messages (the table knows each message's actor).
+        # The run actor's messages only (the table knows each message's actor); a ready one not due
+        # yet is a delayed one.
+        now = timezone.now()
         counts = (
             QueuedMessage.objects.using(broker.database)
             .in_queue(queue)
             .pending()
             .filter(actor_name=dispatch.ACTOR_NAME)
-            .aggregate(total=Count("pk"), ready=Count("pk", filter=Q(available_at__lte=timezone.now())))
+            .aggregate(
+                ready=Count("pk", filter=Q(available_at__lte=now)),
+                delayed=Count("pk", filter=Q(state=QueuedMessageState.READY, available_at__gt=now)),
+                pending=Count("pk"),
+            )
         )
-        return _QueueCount(ready=counts["ready"], total=counts["total"], held=True)
+        return _QueueCount(ready=counts["ready"], messages=counts["pending"] - counts["delayed"])
     if _is_a(broker, "dramatiq.brokers.redis", "RedisBroker"):
-        # Dramatiq's layout (dramatiq/brokers/redis/dispatch.lua): "<ns>:<queue>" lists the ready
-        # message ids; "<ns>:<queue>.msgs" holds every message not yet acknowledged (ready, or
-        # fetched by a consumer); "<ns>:<queue>.DQ.msgs" the same for the delay queue.
+        # Dramatiq's layout (dramatiq/brokers/redis/dispatch.lua): "<ns>:<queue>" lists the ids of
+        # the ready messages; "<ns>:<queue>.msgs" holds every message not yet acknowledged (ready, or
+        # fetched by a consumer, a dead one's too until they are put back).
         redis = cast(Any, broker)
-        prefix = f"{redis.namespace}:"
+        key = f"{redis.namespace}:{queue}"
         with redis.client.pipeline(transaction=True) as pipe:
-            pipe.llen(prefix + queue)
-            pipe.hlen(f"{prefix}{queue}.msgs")
-            pipe.hlen(f"{prefix}{dq_name(queue)}.msgs")
-            ready, stored, delayed = pipe.execute()
-        return _QueueCount(ready=int(ready), total=int(stored) + int(delayed), held=True)
+            pipe.llen(key)
+            pipe.hlen(f"{key}.msgs")
+            ready, messages = pipe.execute()
+        return _QueueCount(ready=int(ready), messages=int(messages))
     if _is_a(broker, "dramatiq.brokers.rabbitmq", "RabbitmqBroker"):
         # The messages ready in the queue; RabbitMQ does not count those its consumers hold.
         ready = int(cast(Any, broker).get_queue_message_counts(queue)[0])
-        return _QueueCount(ready=ready, total=ready, held=False)
+        return _QueueCount(ready=ready, messages=ready)
     return None
 
 

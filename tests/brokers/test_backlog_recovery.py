@@ -153,7 +153,9 @@ def test_a_run_overtaken_by_a_later_run_that_started_is_sent_again(broker: drama
     assert Run.objects.get(pk=fanout[1].pk).due_at == Run.objects.get(pk=fanout[2].pk).due_at < now
 
 
-def test_a_retry_waiting_in_the_delay_queue_is_counted_as_queued(broker: dramatiq.Broker) -> None:
+def test_a_retry_waiting_in_the_delay_queue_neither_is_sent_again_nor_hides_a_lost_run(
+    broker: dramatiq.Broker,
+) -> None:
     # Given ten runs queued two minutes ago, a run whose message was lost five minutes ago, and a
     # retrying run due in an hour whose delayed message waits in the delay queue
     queued = _sent(10)
@@ -169,8 +171,27 @@ def test_a_retry_waiting_in_the_delay_queue_is_counted_as_queued(broker: dramati
     # When recovery passes
     report = recover()
 
-    # Then only the lost run is sent again; the retry is not overdue, and its message is counted
+    # Then only the lost run is sent again: the retry is not overdue, and its delayed message does
+    # not stand for the lost run's in the count
     assert _requeued_ids(report) == [lost.pk]
     assert report.reason == COUNTED_MISSING
     assert Run.objects.get(pk=retrying.pk).due_at == due
     assert _queued(broker) == 12
+
+
+def test_runs_whose_messages_are_on_their_way_do_not_make_queued_runs_look_lost(
+    broker: dramatiq.Broker,
+) -> None:
+    # Given a backlog of 20 runs queued two minutes ago, and 5 runs just committed whose messages
+    # are not in the queue yet (a commit's enqueue is under way)
+    queued = _sent(20)
+    _age(queued, 120)
+    _without_message(5)
+
+    # When recovery passes
+    report = recover()
+
+    # Then nothing is sent again: only overdue runs are set against the queue's messages
+    assert report.requeued == []
+    assert report.reason == COUNTED_MISSING
+    assert _queued(broker) == 20
