@@ -23,7 +23,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -291,12 +291,35 @@ class PostgresCluster:
         with psycopg.connect(self.url("postgres"), autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
 
+    def migrated_database(self, name: str, env: dict[str, str]) -> None:
+        """Create database ``name`` and run ``manage.py migrate`` on it, with ``env`` (which names it)."""
+        self.create_database(name)
+        subprocess.run(
+            [sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"],
+            cwd=ROOT,
+            env=env,
+            check=True,
+            timeout=180,
+        )
+
     def remove(self) -> None:
         """Stop the server if it runs, and delete the cluster's directory."""
         try:
             self.stop()
         finally:
             shutil.rmtree(self.directory, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def private_postgres(*options: str) -> Iterator[PostgresCluster]:
+    """A running PostgreSQL cluster of the test's own (``options``: as for ``PostgresCluster``),
+    removed after it."""
+    cluster = PostgresCluster(*options)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.remove()
 
 
 def worker_env(**extra: str | None) -> dict[str, str]:

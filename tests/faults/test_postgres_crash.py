@@ -30,6 +30,7 @@ from .harness import (
     RedisServer,
     Workers,
     patience,
+    private_postgres,
     wait_until,
     worker_env,
 )
@@ -40,12 +41,8 @@ DATABASE = "django_events_crash"
 @pytest.fixture
 def crashing_postgres() -> Iterator[PostgresCluster]:
     """A private PostgreSQL cluster that writes its WAL at most every 10 s unless a commit waits."""
-    cluster = PostgresCluster("wal_writer_delay=10s", "autovacuum=off")
-    try:
-        cluster.start()
+    with private_postgres("wal_writer_delay=10s", "autovacuum=off") as cluster:
         yield cluster
-    finally:
-        cluster.remove()
 
 
 def _executions(marker: Path) -> list[tuple[float, float]]:
@@ -72,14 +69,7 @@ def test_a_claim_lost_in_a_postgres_crash_runs_again_never_beside_the_cut_off_at
         REDIS_URL=redis_server.url,
         DJANGO_EVENTS_TEST_SETTINGS=json.dumps(settings),
     )
-    crashing_postgres.create_database(DATABASE)
-    subprocess.run(
-        [sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"],
-        cwd=ROOT,
-        env=env,
-        check=True,
-        timeout=180,
-    )
+    crashing_postgres.migrated_database(DATABASE, env)
     marker = tmp_path / "marker"
     marker.touch()
 

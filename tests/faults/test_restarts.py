@@ -26,6 +26,7 @@ from .harness import (
     Workers,
     check_ledger,
     patience,
+    private_postgres,
     read_ledger,
     report,
     scaled,
@@ -41,12 +42,8 @@ DATABASE = "django_events_faults"
 @pytest.fixture
 def postgres() -> Iterator[PostgresCluster]:
     """A running PostgreSQL cluster of this test's own, removed after it."""
-    cluster = PostgresCluster()
-    try:
-        cluster.start()
+    with private_postgres() as cluster:
         yield cluster
-    finally:
-        cluster.remove()
 
 
 def test_every_run_ends_as_its_function_decides_across_redis_and_postgres_restarts(
@@ -57,14 +54,7 @@ def test_every_run_ends_as_its_function_decides_across_redis_and_postgres_restar
     total = ok_count + fail_count
     url = postgres.url(DATABASE)
     env = worker_env(DATABASE_URL=url, DJANGO_EVENTS_TEST_DATABASE_NAME=None, REDIS_URL=redis_server.url)
-    postgres.create_database(DATABASE)
-    subprocess.run(
-        [sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"],
-        cwd=ROOT,
-        env=env,
-        check=True,
-        timeout=180,
-    )
+    postgres.migrated_database(DATABASE, env)
 
     def counts() -> Counter[str] | None:
         """status -> runs, or None while the database is restarting"""
