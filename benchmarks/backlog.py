@@ -34,7 +34,6 @@ import datetime as dt
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -53,7 +52,7 @@ from django.conf import settings  # noqa: E402
 from django.db import connection, connections  # noqa: E402
 
 import django_events  # noqa: E402
-from benchmarks.driver import empty_queue, fresh_database, read_figures  # noqa: E402
+from benchmarks.driver import empty_queue, fresh_database, read_figures, stop  # noqa: E402
 from django_events.models import Run, RunStatus  # noqa: E402
 from django_events.tasks import ACTOR_NAME  # noqa: E402
 
@@ -150,12 +149,7 @@ def main() -> None:
                     if (samples[-1]["queued"] == 0 and idle) or now - drained_at > args.tail_timeout:
                         break
         finally:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(worker.pid, signal.SIGKILL)
-                worker.wait()
+            stop(worker)
         errors = [line for line in log_path.read_text(errors="replace").splitlines() if "ERROR" in line]
 
     result = summarise(samples, total)

@@ -142,17 +142,22 @@ def workers(processes: int, threads: int) -> Iterator[Callable[[], dict[str, Any
         try:
             yield figures
         finally:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+            stop(process)
             errors = [line for line in log_path.read_text(errors="replace").splitlines() if "ERROR" in line]
             if errors:
                 print(
                     f"rundramatiq logged {len(errors)} error line(s), the first: {errors[0]}", file=sys.stderr
                 )
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM ``rundramatiq`` (it passes the signal on); SIGKILL its process group after 60 s."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 def read_figures(out: Path) -> dict[str, Any]:
