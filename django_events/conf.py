@@ -84,7 +84,8 @@ class EventsSettings:
     #: recovery loop).
     RECOVERY_INTERVAL: float | None = 15.0
     #: Seconds a pending run (or a retrying run past its due time) may wait before recovery
-    #: sends its message again (0 or more).
+    #: sends its message again, if the broker's queue shows the message is no longer there
+    #: (0 or more); also how far the queue's order may disagree with the runs' due times.
     RECOVERY_GRACE: float = 60.0
     #: Most runs of each kind one recovery pass takes (1 to :data:`MAX_RECOVERY_BATCH`).
     RECOVERY_BATCH: int = 500

@@ -36,6 +36,7 @@ __all__ = [
     "GROUP_SIZE",
     "MAX_DELAY_SECONDS",
     "RunRef",
+    "run_queue",
     "send_group",
     "send_now",
     "send_with_transaction",

@@ -551,17 +551,24 @@ def _maybe_still_running(using: str, now: dt.datetime) -> models.Q | None:
     worker that outlived the crash. Such a run was due before the server started,
     and its attempt ends within its lease (the function's time limit, which Dramatiq
     enforces, plus ``LEASE_MARGIN``) of the claim. So until a lease has passed since
-    the server started, those runs get no new message: two attempts of a run never
-    overlap. (A clean restart holds them back the same way; it costs only a delay.)
-    Runs of a function no longer registered are not held: they fail at once, running
-    nothing. ``None`` on other databases, and once every lease has passed.
+    the server started after a crash, those runs get no new message: two attempts of a
+    run never overlap. A crash is what PostgreSQL's WAL statistics say: they are
+    discarded by the recovery from a crash (``pg_stat_wal.stats_reset`` at or after the
+    server's start), and kept across a clean restart, which flushes every claim and so
+    holds nothing back. Runs of a function no longer registered are not held: they fail
+    at once, running nothing. ``None`` on other databases, after a clean start, and
+    once every lease has passed.
     """
     connection = connections[using]
     if connection.vendor != "postgresql":
         return None
     with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_postmaster_start_time()")
-        started = cursor.fetchone()[0]
+        cursor.execute(
+            "SELECT pg_postmaster_start_time(), stats_reset >= pg_postmaster_start_time() FROM pg_stat_wal"
+        )
+        started, crashed = cursor.fetchone()
+    if not crashed:
+        return None
     held = [
         spec.id
         for spec in registered_functions()

@@ -38,9 +38,7 @@ SCALE = float(os.environ.get("DJANGO_EVENTS_FAULT_SCALE") or "0.2")
 
 #: DJANGO_EVENTS for the worker processes (merged through DJANGO_EVENTS_TEST_SETTINGS): a recovery
 #: pass every half second; a run pending for 5 s sent again; a lease of the function's time limit
-#: (2 s for the faults/* functions) plus 1 s. A shorter grace sends the runs still queued behind the
-#: backlog again and again (each pass re-sends every waiting run older than the grace), which slows
-#: the workers down more than it speeds recovery up.
+#: (2 s for the faults/* functions) plus 1 s.
 WORKER_SETTINGS: dict[str, Any] = {"RECOVERY_INTERVAL": 0.5, "RECOVERY_GRACE": 5.0, "LEASE_MARGIN": 1.0}
 
 #: The test functions (tests/testapp/events.py): their ids, and the names they write in ``Call`` rows.

@@ -139,6 +139,8 @@ class Command(BaseCommand):
             else:
                 self.stdout.write(f"Took back run {pk} ({function}) whose lease expired: now {outcome}")
         summary = f"{len(report.requeued)} overdue run(s), {len(report.lost)} run(s) with an expired lease"
+        if report.reason:
+            summary += f" (lost messages told from queued ones by: {report.reason})"
         self.stdout.write(self.style.SUCCESS(("Dry run: " if dry_run else "") + summary + "."))
 
     def _prune(
