@@ -54,7 +54,6 @@ from .changelists import (
     IndexedDateHierarchyChangeList,
     QueueNameFilter,
     search_values,
-    storable,
 )
 from .dispatch import ACTOR_NAME
 from .models import (
@@ -68,6 +67,7 @@ from .models import (
     RunStatus,
     sources_of,
 )
+from .text import has_unstorable
 
 __all__ = ["CappedCountPaginator", "EventAdmin", "QueuedMessageAdmin", "RunAdmin"]
 
@@ -520,7 +520,7 @@ class EventAdmin(_ReadOnlyAdmin):
         if "=" in term:
             key, _sep, text = term.partition("=")
             key, values = key.strip(), search_values(text.strip())
-            if not values or not storable(key):
+            if not values or has_unstorable(key):
                 return queryset.none(), False  # no stored data can hold that key or value
             return queryset.filter(HasMember("data", key, values)), False
         condition = Q(name=term) | Q(idempotency_key=term)

@@ -42,6 +42,7 @@ from dramatiq.common import q_name
 from .conf import get_settings
 from .models import Run
 from .registry import registered_functions
+from .text import has_unstorable
 
 __all__ = [
     "CappedCountPaginator",
@@ -54,7 +55,6 @@ __all__ = [
     "QueueNameFilter",
     "RegistryChoicesFilter",
     "search_values",
-    "storable",
 ]
 
 
@@ -258,21 +258,6 @@ class ContainsText(IContains):
         return f"INSTR(LOWER({lhs_sql}), LOWER({rhs_sql})) > 0", (*lhs_params, *rhs_params)
 
 
-def storable(text: str) -> bool:
-    """Whether a database can hold ``text``: no NUL character and no lone surrogate.
-
-    PostgreSQL refuses both in text and in ``jsonb``, and SQLite's driver refuses
-    lone surrogates, so no stored row can equal a text that has one.
-    """
-    if "\x00" in text:
-        return False
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def search_values(text: str) -> list[JSONScalar]:
     """The values a search for ``text`` looks for: the text itself and the JSON scalar it reads as.
 
@@ -283,13 +268,13 @@ def search_values(text: str) -> list[JSONScalar]:
     ``NaN``, ``Infinity``, numbers too big for a float and integers outside 64
     bits stay text, and a text beginning with ``[`` or ``{`` is never parsed (a list
     or an object is searched as the text). Texts no database can hold (see
-    :func:`storable`) are left out, so the result may be empty.
+    :func:`text.has_unstorable`) are left out, so the result may be empty.
     """
     values: list[JSONScalar] = [text]
     if text[:1] not in ("[", "{"):
         with contextlib.suppress(ValueError):  # not JSON, or not a value both databases compare alike
             values.append(_comparable(json.loads(text, parse_constant=_not_a_number)))
-    return [value for value in values if not isinstance(value, str) or storable(value)]
+    return [value for value in values if not isinstance(value, str) or not has_unstorable(value)]
 
 
 def _not_a_number(constant: str) -> float:
@@ -318,7 +303,7 @@ class HasMember(Expression):
     empty name are not paths. A text value matches a JSON string, a number any
     JSON number equal to it, ``True``/``False``/``None`` JSON ``true``/``false``/
     ``null`` (never 1 or 0). Lists and objects in the data match nothing. Every
-    value must pass :func:`storable`; build ``values`` with :func:`search_values`.
+    value must pass :func:`text.has_unstorable` (none found); build ``values`` with :func:`search_values`.
 
     PostgreSQL tests ``column @> '{"key": value}'`` for each value, which the GIN
     index on the column serves; SQLite reads the object's members with
