@@ -20,17 +20,25 @@ from .exceptions import (
     NonRetriableError,
     RetryAfterError,
 )
+from .options import Batch, CancelOn, Concurrency, Debounce, RateLimit, Throttle, Timeouts
 from .registry import Context, function
 
 if TYPE_CHECKING:
     from .sending import send, send_many
 
 __all__ = [
+    "Batch",
+    "CancelOn",
+    "Concurrency",
     "Context",
+    "Debounce",
     "DjangoEventsError",
     "EventValidationError",
     "NonRetriableError",
+    "RateLimit",
     "RetryAfterError",
+    "Throttle",
+    "Timeouts",
     "function",
     "send",
     "send_many",

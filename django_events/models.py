@@ -6,7 +6,7 @@ import datetime as dt
 from typing import Any
 
 from django.db import models
-from django.db.models import Q
+from django.db.models import F, Q
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
@@ -30,24 +30,50 @@ class RunStatus(models.TextChoices):
     """Final: attempts ran out, or the function raised ``NonRetriableError``. Can be retried by hand."""
     CANCELLED = "cancelled", _("cancelled")
     """Final: cancelled before it ran; never executed, even if its message is still queued."""
+    SCHEDULED = "scheduled", _("scheduled")
+    """Waiting for its time (``due_at``): a delay, a cron tick, a debounce or batch window."""
+    THROTTLED = "throttled", _("throttled")
+    """Over its function's throttle: its turn is at ``due_at``, kept for it."""
+    HELD = "held", _("held")
+    """Over its function's concurrency limit: waits, using no attempt, until a slot frees."""
+    SKIPPED = "skipped", _("skipped")
+    """Final: never executed, by flow control (rate limit, debounce, batch); ``reason`` says why."""
 
 
 #: The state machine: for each status, the statuses a run may move to from it.
 #: Every conditional UPDATE that changes a run's status filters on this table.
+#: What flow control may do with a run about to start: make it wait its turn or for a slot, or skip it.
+_HELD_BACK = frozenset({RunStatus.THROTTLED, RunStatus.HELD, RunStatus.SKIPPED, RunStatus.SCHEDULED})
+
 TRANSITIONS: dict[str, frozenset[str]] = {
-    RunStatus.PENDING: frozenset({RunStatus.RUNNING, RunStatus.CANCELLED}),
+    RunStatus.PENDING: frozenset({RunStatus.RUNNING, RunStatus.CANCELLED, *_HELD_BACK}),
+    RunStatus.SCHEDULED: frozenset({RunStatus.RUNNING, RunStatus.CANCELLED, *_HELD_BACK}),
+    RunStatus.THROTTLED: frozenset(
+        {RunStatus.RUNNING, RunStatus.CANCELLED, RunStatus.HELD, RunStatus.SKIPPED}
+    ),
+    # A held run is woken (pending, a slot kept for it) when one frees.
+    RunStatus.HELD: frozenset({RunStatus.PENDING, RunStatus.CANCELLED, RunStatus.SKIPPED}),
     # RUNNING -> RETRYING / DEAD also when the lease expired (the worker died): see recovery.py.
     RunStatus.RUNNING: frozenset({RunStatus.SUCCEEDED, RunStatus.RETRYING, RunStatus.DEAD}),
-    RunStatus.RETRYING: frozenset({RunStatus.RUNNING, RunStatus.CANCELLED}),
+    RunStatus.RETRYING: frozenset(
+        {RunStatus.RUNNING, RunStatus.CANCELLED, RunStatus.THROTTLED, RunStatus.HELD, RunStatus.DEAD}
+    ),
     RunStatus.SUCCEEDED: frozenset({RunStatus.PENDING}),
     RunStatus.DEAD: frozenset({RunStatus.PENDING}),
     RunStatus.CANCELLED: frozenset({RunStatus.PENDING}),
+    RunStatus.SKIPPED: frozenset({RunStatus.PENDING}),
 }
 
 #: Statuses a run never leaves by itself.
-FINAL_STATUSES: frozenset[str] = frozenset({RunStatus.SUCCEEDED, RunStatus.DEAD, RunStatus.CANCELLED})
+FINAL_STATUSES: frozenset[str] = frozenset(
+    {RunStatus.SUCCEEDED, RunStatus.DEAD, RunStatus.CANCELLED, RunStatus.SKIPPED}
+)
 #: Statuses whose runs wait for a worker to take them at ``due_at``.
-WAITING_STATUSES: frozenset[str] = frozenset({RunStatus.PENDING, RunStatus.RETRYING})
+WAITING_STATUSES: frozenset[str] = frozenset(
+    {RunStatus.PENDING, RunStatus.RETRYING, RunStatus.SCHEDULED, RunStatus.THROTTLED}
+)
+#: Statuses of the runs not started yet (or waiting for their next attempt): what a cancel can stop.
+NOT_STARTED_STATUSES: frozenset[str] = WAITING_STATUSES | {RunStatus.HELD}
 
 
 def sources_of(target: str) -> list[str]:
@@ -84,6 +110,11 @@ class Event(models.Model):
         help_text=_("The id given to send(); a second send with the same id returns this event."),
     )
     created_at = models.DateTimeField(default=timezone.now, editable=False)
+    skipped_by = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text=_("Functions subscribed to the event that gave it no run, and why (their if_ filter)."),
+    )
 
     class Meta:
         ordering = ["-created_at"]
@@ -110,7 +141,7 @@ class RunQuerySet(models.QuerySet["Run"]):
     """Named filters for runs."""
 
     def final(self) -> RunQuerySet:
-        """Runs that ended: succeeded, dead or cancelled."""
+        """Runs that ended: succeeded, dead, cancelled or skipped."""
         return self.filter(status__in=FINAL_STATUSES)
 
     def not_final(self) -> RunQuerySet:
@@ -122,15 +153,15 @@ class RunQuerySet(models.QuerySet["Run"]):
         return self.filter(status=RunStatus.DEAD)
 
     def waiting(self) -> RunQuerySet:
-        """Pending or retrying runs, due now or later."""
+        """Runs waiting for a worker at ``due_at``: pending, scheduled, throttled or retrying."""
         return self.filter(status__in=WAITING_STATUSES)
 
     def due(self, now: dt.datetime | None = None) -> RunQuerySet:
-        """Pending or retrying runs whose ``due_at`` has come."""
+        """Waiting runs whose ``due_at`` has come."""
         return self.waiting().filter(due_at__lte=now or timezone.now())
 
     def claimable(self, now: dt.datetime, *, ignore_due: bool = False) -> RunQuerySet:
-        """Runs a worker may take now: pending or retrying runs that are due."""
+        """Runs a worker may take now: waiting runs that are due (held runs wait for a slot instead)."""
         waiting = self.waiting()
         return waiting if ignore_due else waiting.filter(due_at__lte=now)
 
@@ -175,6 +206,23 @@ class Run(models.Model):
         null=True, blank=True, help_text=_("When the run reached a final status.")
     )
     created_at = models.DateTimeField(default=timezone.now, editable=False)
+    # Flow control. Plain ids, not foreign keys: deleting events and runs (prune) never has to
+    # look these up, and a run outlives the event that cancelled it.
+    priority = models.IntegerField(
+        null=True,
+        blank=True,
+        help_text=_("Higher runs first when runs wait; empty: the function has no priority."),
+    )
+    reason = models.CharField(
+        max_length=255, blank=True, help_text=_("Why the run waits, or why it was skipped or cancelled.")
+    )
+    merged_into = models.UUIDField(
+        null=True, blank=True, help_text=_("The run that handles this run's event (debounce, batch).")
+    )
+    cancelled_by = models.UUIDField(null=True, blank=True, help_text=_("The event that cancelled this run."))
+    held_on = models.CharField(
+        max_length=64, blank=True, help_text=_("The concurrency key a held run waits on (a FlowKey id).")
+    )
 
     objects = RunQuerySet.as_manager()
 
@@ -194,6 +242,28 @@ class Run(models.Model):
                 fields=["lease_expires_at"],
                 condition=Q(status=RunStatus.RUNNING),
                 name="django_events_run_lease",
+            ),
+            # The next held run of a concurrency key, in priority then arrival order.
+            models.Index(
+                F("held_on"),
+                F("priority").desc(),
+                F("created_at"),
+                condition=Q(status=RunStatus.HELD),
+                name="django_events_run_held",
+            ),
+            # The next due run of a function with a priority (only those runs have one).
+            models.Index(
+                F("function"),
+                F("priority").desc(),
+                F("created_at"),
+                condition=Q(status__in=sorted(WAITING_STATUSES), priority__isnull=False),
+                name="django_events_run_priority",
+            ),
+            # A batch's events, a debounced run's successor.
+            models.Index(
+                fields=["merged_into"],
+                condition=Q(merged_into__isnull=False),
+                name="django_events_run_merged",
             ),
         ]
         permissions = [
@@ -240,6 +310,63 @@ class Attempt(models.Model):
     def duration(self) -> dt.timedelta:
         """How long the attempt took."""
         return self.finished_at - self.started_at
+
+
+class FlowKey(models.Model):
+    """The state of one flow-control key of one function: its lock, and what its policy remembers.
+
+    Writers of a key lock its row first (claims under a concurrency limit or a
+    throttle, releases of a slot, sends joining a debounce window or a batch), so
+    that its decisions never race, on any database and across hosts.
+    """
+
+    #: sha256 of (function, kind, key), in hex: a fixed-size key for any function id and key.
+    id = models.CharField(max_length=64, primary_key=True)
+    function = models.CharField(max_length=255)
+    kind = models.CharField(
+        max_length=16, help_text=_("concurrency, throttle, rate_limit, debounce or batch.")
+    )
+    key = models.TextField(blank=True, help_text=_("The key's value ('' for the function as a whole)."))
+    tat = models.DateTimeField(
+        null=True, blank=True, help_text=_("Throttle and rate limit: when the allowance is next free.")
+    )
+    open_run = models.UUIDField(
+        null=True, blank=True, help_text=_("Debounce and batch: the run new events join.")
+    )
+    opened_at = models.DateTimeField(
+        null=True, blank=True, help_text=_("Debounce and batch: when the open run's first event came.")
+    )
+    size = models.PositiveIntegerField(default=0, help_text=_("Batch: events in the open run."))
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        indexes = [models.Index(fields=["function", "kind"], name="django_events_flowkey_fn")]
+        verbose_name = _("flow-control key")
+
+    def __str__(self) -> str:
+        return f"{self.function} {self.kind} {self.key!r}"
+
+
+class Slot(models.Model):
+    """A concurrency slot held by a run: while it is running, or kept for it when it was woken.
+
+    A slot counts until ``lease_expires_at``: a slot held by a killed worker comes
+    back when its lease ends.
+    """
+
+    id = models.BigAutoField(primary_key=True)
+    flow_key = models.CharField(max_length=64, help_text=_("The FlowKey id."))
+    run_id = models.UUIDField()
+    lease_expires_at = models.DateTimeField()
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["flow_key", "lease_expires_at"], name="django_events_slot_key"),
+            models.Index(fields=["run_id"], name="django_events_slot_run"),
+        ]
+
+    def __str__(self) -> str:
+        return f"slot of {self.run_id} on {self.flow_key}"
 
 
 class QueuedMessageState(models.TextChoices):
@@ -352,4 +479,12 @@ class QueuedMessage(models.Model):
         return f"{self.actor_name or self.message_id} on {self.queue_name} [{self.state}]"
 
 
-__all__ += ["PENDING_MESSAGE_STATES", "QueuedMessage", "QueuedMessageQuerySet", "QueuedMessageState"]
+__all__ += [
+    "NOT_STARTED_STATUSES",
+    "PENDING_MESSAGE_STATES",
+    "FlowKey",
+    "QueuedMessage",
+    "QueuedMessageQuerySet",
+    "QueuedMessageState",
+    "Slot",
+]

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import logging
 import threading
+import zoneinfo
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from croniter import croniter
+from django.conf import settings as django_settings
+
 from .conf import MAX_DURATION, MAX_RETRIES, get_settings
-from .exceptions import DuplicateFunctionError, EventValidationError
+from .exceptions import DuplicateFunctionError
+from .names import MAX_NAME_LENGTH, is_wildcard, matches, validate_event_name, validate_trigger
+from .options import Batch, CancelOn, CatchUp, Concurrency, Debounce, RateLimit, Throttle, Timeouts
 
 if TYPE_CHECKING:
     from .models import Event
@@ -26,37 +32,20 @@ __all__ = [
     "registered_functions",
     "time_limit_ms_for",
     "validate_event_name",
+    "validate_trigger",
 ]
 
-#: Longest event name or function id, in characters (the database column size).
-MAX_NAME_LENGTH = 255
+#: The highest (and, negated, lowest) priority a run can have.
+MAX_PRIORITY = 1_000_000
+#: Cron ticks a function with ``catch_up="all"`` fires at most after downtime.
+MAX_CATCH_UP = 1000
+
 #: Dramatiq's own default time limit, in seconds: the ``TimeLimit`` middleware's when nothing else is set.
 DRAMATIQ_DEFAULT_TIME_LIMIT = 600.0
 #: Shortest time limit, in seconds: Dramatiq counts in milliseconds, and 0 would mean "no limit".
 MIN_TIME_LIMIT = 0.001
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def validate_event_name(name: object) -> str:
-    """Return ``name`` if it is a valid event name, else raise ``EventValidationError``.
-
-    An event name is a string of 1 to 255 characters with no whitespace or
-    control characters, such as ``"api/source.connected"``.
-    """
-    if not isinstance(name, str):
-        raise EventValidationError(f"An event name must be a str, not {type(name).__name__}.")
-    if not name:
-        raise EventValidationError("An event name cannot be empty.")
-    if len(name) > MAX_NAME_LENGTH:
-        raise EventValidationError(
-            f"An event name has at most {MAX_NAME_LENGTH} characters; this one has {len(name)}."
-        )
-    if any(ch.isspace() or not ch.isprintable() for ch in name):
-        raise EventValidationError(
-            f"An event name cannot contain whitespace or control characters: {name!r}."
-        )
-    return name
 
 
 @dataclass(frozen=True)
@@ -70,6 +59,38 @@ class Function:
     retries: int | None = None
     #: Seconds before the attempt is interrupted; ``None``: the default time limit.
     time_limit: float | None = None
+    #: Cron expressions; a tick event runs the function at each time one of them names.
+    cron: tuple[str, ...] = ()
+    #: The IANA time zone the cron expressions are read in; ``None``: ``settings.TIME_ZONE``.
+    timezone: str | None = None
+    #: Which ticks missed while no worker ran are fired: ``"latest"``, ``"all"`` or ``"none"``.
+    catch_up: CatchUp = "latest"
+    #: ``callable(event) -> bool``: ``False`` and the event gets no run of this function.
+    if_: Callable[[Event], bool] | None = None
+    concurrency: tuple[Concurrency, ...] = ()
+    throttle: Throttle | None = None
+    rate_limit: RateLimit | None = None
+    debounce: Debounce | None = None
+    #: An int, or ``callable(event) -> int``: higher runs first when work waits.
+    priority: int | Callable[[Event], int] | None = None
+    batch: Batch | None = None
+    cancel_on: tuple[CancelOn, ...] = ()
+    timeouts: Timeouts | None = None
+
+    @property
+    def controls_start(self) -> bool:
+        """Whether a claim must ask ``flow`` first (a limit, a throttle, a start timeout, a priority)."""
+        return bool(
+            self.concurrency
+            or self.throttle
+            or self.rate_limit
+            or self.priority is not None
+            or (self.timeouts is not None and (self.timeouts.start or self.timeouts.finish))
+        )
+
+    def zone(self) -> zoneinfo.ZoneInfo:
+        """The time zone of the cron expressions."""
+        return zoneinfo.ZoneInfo(self.timezone or django_settings.TIME_ZONE or "UTC")
 
     @property
     def path(self) -> str:
@@ -124,15 +145,48 @@ def function(
     id: str | None = None,
     retries: int | None = None,
     time_limit: float | None = None,
+    cron: str | Iterable[str] | None = None,
+    timezone: str | None = None,
+    catch_up: CatchUp = "latest",
+    if_: Callable[[Event], bool] | None = None,
+    concurrency: int | Concurrency | Iterable[Concurrency] | None = None,
+    throttle: Throttle | None = None,
+    rate_limit: RateLimit | None = None,
+    debounce: Debounce | None = None,
+    priority: int | Callable[[Event], int] | None = None,
+    batch: Batch | None = None,
+    cancel_on: CancelOn | Iterable[CancelOn] | None = None,
+    timeouts: Timeouts | None = None,
 ) -> Callable[[F], F]:
     """Register the decorated callable to run, in a worker, for each event named in ``triggers``.
 
     Args:
-        triggers: one or more event names, such as ``"api/source.connected"``.
+        triggers: event names, such as ``"api/source.connected"``, or patterns where
+            ``*`` stands for one or more segments (``"app/user.*"``). None is needed
+            with ``cron``.
         id: the function's stable id, stored on its runs; defaults to the
             callable's dotted path. Must be unique.
         retries: retries after the first attempt (``DJANGO_EVENTS["DEFAULT_RETRIES"]`` if ``None``).
         time_limit: seconds an attempt may take before it is interrupted and retried.
+        cron: a cron expression (``"0 9 * * MON"``) or several: the workers fire a
+            tick event at each time named, once however many workers run.
+        timezone: the IANA zone the cron expressions are read in (default ``settings.TIME_ZONE``).
+        catch_up: ticks missed while no worker ran: ``"latest"`` fires the last one,
+            ``"all"`` every one (at most 1,000), ``"none"`` none.
+        if_: ``callable(event) -> bool``, asked at send time: ``False`` and the
+            event gets no run of this function (its admin page says so).
+        concurrency: at most this many attempts running at once: an int, a
+            :class:`~django_events.Concurrency` (with a key), or a list of them.
+        throttle: a :class:`~django_events.Throttle`: excess runs wait their turn.
+        rate_limit: a :class:`~django_events.RateLimit`: excess events are skipped.
+        debounce: a :class:`~django_events.Debounce`: one run with the last event.
+        priority: an int or ``callable(event) -> int`` (-1,000,000 to 1,000,000):
+            higher runs first when runs wait for workers or slots.
+        batch: a :class:`~django_events.Batch`: one run for many events (``ctx.events``).
+        cancel_on: a :class:`~django_events.CancelOn` or a list: events that cancel
+            the function's runs not started yet.
+        timeouts: a :class:`~django_events.Timeouts`: cancel a run not started in
+            time, fail a run not finished in time.
 
     The callable takes one argument, a :class:`Context`, and returns a
     JSON-serialisable value (stored on the run) or ``None``. It is returned
@@ -140,13 +194,15 @@ def function(
 
     Raises:
         DuplicateFunctionError: another callable is already registered under ``id``.
-        EventValidationError: a trigger is not a valid event name.
-        TypeError: an argument has the wrong type.
+        EventValidationError: a trigger is not a valid event name or pattern.
+        TypeError: an argument has the wrong type, or a cron expression does not parse.
     """
-    if not triggers:
-        raise TypeError("@django_events.function needs at least one event name to subscribe to.")
+    if not triggers and cron is None:
+        raise TypeError(
+            "@django_events.function needs at least one event name to subscribe to, or a cron= schedule."
+        )
     for trigger in triggers:
-        validate_event_name(trigger)
+        validate_trigger(trigger)
     if id is not None and (not isinstance(id, str) or not id or len(id) > MAX_NAME_LENGTH):
         raise TypeError(f"A function id must be a non-empty str of at most {MAX_NAME_LENGTH} characters.")
     if retries is not None and (
@@ -162,26 +218,159 @@ def function(
             f"time_limit must be a number of seconds from {MIN_TIME_LIMIT} to {MAX_DURATION} (ten years), "
             f"not {time_limit!r}."
         )
+    options = _FlowOptions.check(
+        cron=cron,
+        timezone=timezone,
+        catch_up=catch_up,
+        if_=if_,
+        concurrency=concurrency,
+        throttle=throttle,
+        rate_limit=rate_limit,
+        debounce=debounce,
+        priority=priority,
+        batch=batch,
+        cancel_on=cancel_on,
+        timeouts=timeouts,
+    )
 
     def decorator(fn: F) -> F:
         if not callable(fn):
             raise TypeError(f"@django_events.function decorates a callable, not {fn!r}.")
+        function_id = id or f"{fn.__module__}.{fn.__qualname__}"
+        if len(function_id) > MAX_NAME_LENGTH:
+            raise TypeError(
+                f"The function id {function_id!r} is longer than {MAX_NAME_LENGTH} characters; "
+                "pass a shorter id=."
+            )
+        try:
+            options.check_cron()
+        except TypeError as exc:
+            raise TypeError(f"@django_events.function {function_id!r}: {exc}") from None
         spec = Function(
-            id=id or f"{fn.__module__}.{fn.__qualname__}",
+            id=function_id,
             fn=fn,
             triggers=tuple(dict.fromkeys(triggers)),
             retries=retries,
             time_limit=None if time_limit is None else float(time_limit),
+            **options.fields(),
         )
-        if len(spec.id) > MAX_NAME_LENGTH:
-            raise TypeError(
-                f"The function id {spec.id!r} is longer than {MAX_NAME_LENGTH} characters; "
-                "pass a shorter id=."
-            )
         register(spec)
         return fn
 
     return decorator
+
+
+@dataclass(frozen=True)
+class _FlowOptions:
+    """The flow-control arguments of :func:`function`, checked and in the form ``Function`` keeps."""
+
+    cron: tuple[str, ...]
+    timezone: str | None
+    catch_up: CatchUp
+    if_: Callable[[Event], bool] | None
+    concurrency: tuple[Concurrency, ...]
+    throttle: Throttle | None
+    rate_limit: RateLimit | None
+    debounce: Debounce | None
+    priority: int | Callable[[Event], int] | None
+    batch: Batch | None
+    cancel_on: tuple[CancelOn, ...]
+    timeouts: Timeouts | None
+
+    @classmethod
+    def check(cls, **kwargs: Any) -> _FlowOptions:
+        cron = kwargs["cron"]
+        if cron is None:
+            crons: tuple[str, ...] = ()
+        elif isinstance(cron, str):
+            crons = (cron,)
+        elif isinstance(cron, Iterable) and all(isinstance(item, str) for item in cron):
+            crons = tuple(dict.fromkeys(cron))
+        else:
+            raise TypeError(f"cron must be a cron expression (str) or a list of them, not {cron!r}.")
+        if cron is not None and not crons:
+            raise TypeError("cron= was given an empty list.")
+        zone = kwargs["timezone"]
+        if zone is not None:
+            if not isinstance(zone, str):
+                raise TypeError(f"timezone must be an IANA zone name such as 'Europe/Paris', not {zone!r}.")
+            try:
+                zoneinfo.ZoneInfo(zone)
+            except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+                raise TypeError(f"timezone {zone!r} is not a known IANA time zone.") from None
+        if kwargs["catch_up"] not in ("latest", "all", "none"):
+            raise TypeError(f"catch_up must be 'latest', 'all' or 'none', not {kwargs['catch_up']!r}.")
+        if kwargs["if_"] is not None and not callable(kwargs["if_"]):
+            raise TypeError(f"if_ must be a callable(event) -> bool, not {kwargs['if_']!r}.")
+        concurrency = kwargs["concurrency"]
+        if concurrency is None:
+            limits: tuple[Concurrency, ...] = ()
+        elif isinstance(concurrency, int) and not isinstance(concurrency, bool):
+            limits = (Concurrency(concurrency),)
+        elif isinstance(concurrency, Concurrency):
+            limits = (concurrency,)
+        elif isinstance(concurrency, (list, tuple)) and all(isinstance(c, Concurrency) for c in concurrency):
+            limits = tuple(concurrency)
+        else:
+            raise TypeError(
+                "concurrency must be an int, a Concurrency(limit, key=...) or a list of them, "
+                f"not {concurrency!r}."
+            )
+        for name, kind in (
+            ("throttle", Throttle),
+            ("rate_limit", RateLimit),
+            ("debounce", Debounce),
+            ("batch", Batch),
+            ("timeouts", Timeouts),
+        ):
+            value = kwargs[name]
+            if value is not None and not isinstance(value, kind):
+                raise TypeError(f"{name} must be a {kind.__name__}(...), not {value!r}.")
+        if kwargs["debounce"] is not None and kwargs["batch"] is not None:
+            raise TypeError(
+                "A function cannot have both debounce= and batch=: each decides which events run."
+            )
+        priority = kwargs["priority"]
+        if (
+            priority is not None
+            and not callable(priority)
+            and (isinstance(priority, bool) or not isinstance(priority, int) or abs(priority) > MAX_PRIORITY)
+        ):
+            raise TypeError(
+                f"priority must be an int from -{MAX_PRIORITY} to {MAX_PRIORITY} or a callable(event), "
+                f"not {priority!r}."
+            )
+        cancel_on = kwargs["cancel_on"]
+        if cancel_on is None:
+            cancels: tuple[CancelOn, ...] = ()
+        elif isinstance(cancel_on, CancelOn):
+            cancels = (cancel_on,)
+        elif isinstance(cancel_on, (list, tuple)) and all(isinstance(c, CancelOn) for c in cancel_on):
+            cancels = tuple(cancel_on)
+        else:
+            raise TypeError(f"cancel_on must be a CancelOn(...) or a list of them, not {cancel_on!r}.")
+        return cls(
+            cron=crons,
+            timezone=zone,
+            catch_up=kwargs["catch_up"],
+            if_=kwargs["if_"],
+            concurrency=limits,
+            throttle=kwargs["throttle"],
+            rate_limit=kwargs["rate_limit"],
+            debounce=kwargs["debounce"],
+            priority=priority,
+            batch=kwargs["batch"],
+            cancel_on=cancels,
+            timeouts=kwargs["timeouts"],
+        )
+
+    def check_cron(self) -> None:
+        for expression in self.cron:
+            if not croniter.is_valid(expression):
+                raise TypeError(f"the cron expression {expression!r} does not parse.")
+
+    def fields(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
 
 
 def register(spec: Function) -> None:
@@ -205,17 +394,56 @@ def unregister(function_id: str) -> None:
 
 
 def _rebuild_index() -> None:
-    global _by_trigger
+    global _by_trigger, _wildcards, _matched, _with_cancel_on
     index: dict[str, list[Function]] = {}
+    wildcards: list[tuple[str, Function]] = []
     for spec in _functions.values():
         for trigger in spec.triggers:
-            index.setdefault(trigger, []).append(spec)
+            if is_wildcard(trigger):
+                wildcards.append((trigger, spec))
+            else:
+                index.setdefault(trigger, []).append(spec)
     _by_trigger = {name: tuple(specs) for name, specs in index.items()}
+    _wildcards = tuple(wildcards)
+    _matched = {}
+    _with_cancel_on = tuple(spec for spec in _functions.values() if spec.cancel_on)
+
+
+_wildcards: tuple[tuple[str, Function], ...] = ()
+#: Event names already matched against the wildcard triggers (cleared when the table changes).
+_matched: dict[str, tuple[Function, ...]] = {}
+#: Most event names whose matches are remembered.
+_MATCHED_SIZE = 10_000
 
 
 def functions_for(event_name: str) -> tuple[Function, ...]:
-    """The functions subscribed to ``event_name``, in registration order."""
-    return _by_trigger.get(event_name, ())
+    """The functions subscribed to ``event_name`` (by name or pattern), in registration order, each once."""
+    if not _wildcards:
+        return _by_trigger.get(event_name, ())
+    found = _matched.get(event_name)
+    if found is None:
+        specs = {spec.id: spec for spec in _by_trigger.get(event_name, ())}
+        for trigger, spec in _wildcards:
+            if matches(trigger, event_name):
+                specs.setdefault(spec.id, spec)
+        order = {spec_id: index for index, spec_id in enumerate(_functions)}
+        found = tuple(sorted(specs.values(), key=lambda spec: order[spec.id]))
+        if len(_matched) < _MATCHED_SIZE:
+            _matched[event_name] = found
+    return found
+
+
+def cancellers_for(event_name: str) -> tuple[tuple[Function, CancelOn], ...]:
+    """The functions, with their ``CancelOn``, whose runs an event named ``event_name`` may cancel."""
+    return tuple(
+        (spec, cancel)
+        for spec in _with_cancel_on
+        for cancel in spec.cancel_on
+        if matches(cancel.event, event_name)
+    )
+
+
+_with_cancel_on: tuple[Function, ...] = ()
 
 
 def get_function(function_id: str) -> Function | None:

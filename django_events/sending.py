@@ -17,7 +17,7 @@ from . import dispatch, ledger
 from .conf import get_settings
 from .exceptions import EventValidationError
 from .models import Event, Run
-from .registry import MAX_NAME_LENGTH, validate_event_name
+from .names import MAX_NAME_LENGTH, validate_event_name
 from .text import has_nul_escape, has_unstorable, short_repr
 
 __all__ = ["send", "send_many"]

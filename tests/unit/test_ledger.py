@@ -252,7 +252,7 @@ def test_claim_finds_its_run_by_primary_key_even_in_a_big_unanalysed_backlog(db)
     assert run is not None
     sql, _select_event = ledger._claim_sql("default", False)
     now = timezone.now()
-    params = [RunStatus.RUNNING, now, now, now, run.pk, RunStatus.PENDING, RunStatus.RETRYING, now]
+    params = [RunStatus.RUNNING, now, now, now, run.pk, *ledger._claim_sources(), now]
     adapt = connection.ops.adapt_datetimefield_value
     params = [adapt(p) if isinstance(p, dt.datetime) else p for p in params]
     params[4] = Run._meta.pk.get_db_prep_value(run.pk, connection)
