@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from functools import cache
@@ -43,19 +44,22 @@ from django.db.models import DateTimeField, F, Value
 from django.db.models.functions import Coalesce
 
 from . import rawsql
-from .models import TRANSITIONS, WAITING_STATUSES, Attempt, Event, Run, RunStatus, sources_of
+from .models import TRANSITIONS, WAITING_STATUSES, Attempt, Event, FlowKey, Run, RunStatus, sources_of
 from .registry import functions_for, lease_seconds, max_attempts_for, registered_functions
 
 __all__ = [
     "cancel",
     "claim",
     "fast_statements",
+    "flow_key_id",
     "insert",
     "insert_keyed",
     "keep_stale_attempt",
+    "lock_keys",
     "new_runs",
     "record",
     "retry",
+    "save_key",
     "take_overdue",
 ]
 
@@ -91,6 +95,49 @@ def _locked(queryset: Any, using: str) -> Any:
     if features.has_select_for_update_of:
         return queryset.select_for_update(skip_locked=True, of=("self",))
     return queryset.select_for_update(skip_locked=True)
+
+
+# -- flow-control keys ---------------------------------------------------------------------------
+
+
+def flow_key_id(function_id: str, kind: str, key: str) -> str:
+    """The id of the ``FlowKey`` of ``function_id``'s ``kind`` policy (``"throttle"``...) for ``key``."""
+    digest = hashlib.sha256()
+    for part in (function_id, kind, key):
+        digest.update(part.encode("utf-8", "surrogatepass"))
+        digest.update(b"\x00")
+    return digest.hexdigest()
+
+
+def lock_keys(keys: Iterable[tuple[str, str, str]], *, using: str, now: dt.datetime) -> dict[str, FlowKey]:
+    """Lock the ``FlowKey`` rows of ``(function id, kind, key)`` (made if missing); return them by id.
+
+    Call it inside a transaction: the rows stay locked until it ends, so that the
+    decisions of one key (a slot, a throttle's turn, a debounce window) never race,
+    across processes and hosts. Rows are locked in id order, so two transactions
+    locking the same keys cannot deadlock. On SQLite the first write takes the
+    database's one write lock, which serialises every writer anyway.
+    """
+    wanted = {flow_key_id(*spec): spec for spec in keys}
+    if not wanted:
+        return {}
+    FlowKey.objects.using(using).bulk_create(
+        [
+            FlowKey(id=pk, function=function_id, kind=kind, key=key, updated_at=now)
+            for pk, (function_id, kind, key) in sorted(wanted.items())
+        ],
+        ignore_conflicts=True,
+    )
+    for pk in sorted(wanted):
+        FlowKey.objects.using(using).filter(pk=pk).update(updated_at=now)
+    return FlowKey.objects.using(using).in_bulk(sorted(wanted))
+
+
+def save_key(flow_key: FlowKey, *, using: str, **changes: Any) -> None:
+    """Store ``changes`` (``tat``, ``open_run``, ``opened_at``, ``size``) of a key locked by lock_keys."""
+    for name, value in changes.items():
+        setattr(flow_key, name, value)
+    FlowKey.objects.using(using).filter(pk=flow_key.pk).update(**changes)
 
 
 # -- insert --------------------------------------------------------------------------------------
