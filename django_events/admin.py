@@ -10,6 +10,14 @@ never count a whole table (a capped count); on runs and events every filter and
 the default ordering have an index, the date hierarchy probes an index instead
 of listing the distinct dates of every row, and error searches use ``ILIKE``,
 which the trigram index serves: those helpers are in ``django_events.changelists``.
+
+Flow control shows on three pages. A run's page says in one line why it waits or
+why it was skipped or cancelled (``Run.reason``), with the concurrency key a held
+run waits on, the run a debounced or batched run was merged into, the event that
+cancelled it, and, on a batch run, the runs merged into it. An event's page says
+which functions filtered it out (``Event.skipped_by``), or that none subscribed.
+The overview counts the waiting work per function and per key, from the partial
+indexes of the waiting states only, and each cron function's next tick.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ import json
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 import dramatiq
@@ -28,7 +36,7 @@ from django.contrib.admin.views.main import ChangeList
 from django.contrib.auth import get_permission_codename
 from django.core.exceptions import PermissionDenied
 from django.db import models
-from django.db.models import Count, F, Q, QuerySet
+from django.db.models import Count, F, Min, OuterRef, Q, QuerySet, Subquery
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseNotAllowed, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
 from django.template.loader import render_to_string
@@ -45,6 +53,7 @@ from dramatiq.errors import DecodeError
 from . import control
 from .broker import read_message
 from .changelists import (
+    CRON_EVENT_NAME,
     CappedCountPaginator,
     ContainsText,
     EventChangeList,
@@ -58,24 +67,40 @@ from .changelists import (
 from .dispatch import ACTOR_NAME
 from .models import (
     FINAL_STATUSES,
+    NOT_STARTED_STATUSES,
     Attempt,
     AttemptOutcome,
     Event,
+    FlowKey,
     QueuedMessage,
     QueuedMessageState,
     Run,
     RunStatus,
+    Slot,
     sources_of,
 )
+from .registry import Function, get_function, registered_functions
 from .text import has_unstorable
 
 __all__ = ["CappedCountPaginator", "EventAdmin", "QueuedMessageAdmin", "RunAdmin"]
 
 StrOrPromise = str | Promise
 
-#: Statuses a run can be retried from, and cancelled from (derived from the state machine).
-RETRYABLE = frozenset(sources_of(RunStatus.PENDING))
+#: Statuses a run can be retried from: the final ones the state machine lets go back to pending
+#: (a held run goes to pending too, but only when flow control wakes it with a slot kept for it).
+RETRYABLE = frozenset(sources_of(RunStatus.PENDING)) & FINAL_STATUSES
+#: Statuses a run can be cancelled from (derived from the state machine): every not-started one.
 CANCELLABLE = frozenset(sources_of(RunStatus.CANCELLED))
+#: Statuses in which a run's ``reason`` says why it is where it is (waits, was skipped or cancelled).
+EXPLAINED = NOT_STARTED_STATUSES | {RunStatus.SKIPPED, RunStatus.CANCELLED}
+#: Statuses whose ``due_at`` the run list shows: when the run is next due to start.
+SHOWS_DUE = frozenset({RunStatus.RETRYING, RunStatus.SCHEDULED, RunStatus.THROTTLED})
+#: Runs merged into a batch (or debounced) run listed on its page; a link lists the rest.
+MERGED_SHOWN = 100
+#: Rows of each "per key" table of the overview (the keys with the most runs or slots).
+TOP_KEYS = 50
+#: Rows of each "per function" table of the overview.
+TOP_FUNCTIONS = 1000
 
 #: The colour a broker message's state borrows from a run status (``admin.css`` styles run
 #: statuses and attempt outcomes by their own names).
@@ -111,16 +136,16 @@ RUN_ACTIONS: dict[str, tuple[Callable[[Iterable[Any]], control.Outcome], Report]
         control.retry_runs,
         Report(
             ngettext_lazy("%(n)d run retried", "%(n)d runs retried", "n"),
-            _("not dead, cancelled or succeeded"),
+            _("not dead, cancelled, skipped or succeeded"),
         ),
     ),
     "cancel": (
         control.cancel_runs,
-        Report(
-            ngettext_lazy("%(n)d run cancelled", "%(n)d runs cancelled", "n"), _("not pending or retrying")
-        ),
+        Report(ngettext_lazy("%(n)d run cancelled", "%(n)d runs cancelled", "n"), _("running or ended")),
     ),
 }
+#: The statuses each run action applies to; selected runs in other statuses are skipped.
+ACTION_STATUSES: dict[str, frozenset[str]] = {"retry": RETRYABLE, "cancel": CANCELLABLE}
 #: The message actions: what does the work, and how the report says what was done and skipped.
 MESSAGE_ACTIONS: dict[str, tuple[Callable[[Iterable[int], str], control.Outcome], Report]] = {
     "requeue": (
@@ -223,6 +248,231 @@ class _ReadOnlyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         self.message_user(request, f"{text}.", messages.SUCCESS if outcome.done else messages.WARNING)
 
 
+# -- flow control ----------------------------------------------------------------------------------
+
+
+@dataclass
+class RunFlow:
+    """What flow control did with one run, as its page shows it (see :func:`run_flow`)."""
+
+    #: The run's ``reason``, when it explains the run's status (waiting, skipped, cancelled); else "".
+    reason: str = ""
+    #: The concurrency key (a ``FlowKey`` id) a held run waits on, and its row (``None`` if gone).
+    held_on: str = ""
+    held_key: FlowKey | None = None
+    #: Runs held on that key (counted up to the paginator's cap, plus one), and its slots in use now.
+    held_waiting: int = 0
+    slots_in_use: int = 0
+    #: A skipped run merged into another: "debounced", "batched" or "merged"; the run, if still stored.
+    merged_verb: str = ""
+    merged_into: uuid.UUID | None = None
+    merged_target: Run | None = None
+    #: A cancelled run: the event that cancelled it, if still stored.
+    cancelled_by: uuid.UUID | None = None
+    cancelling_event: Event | None = None
+    #: Runs merged into this one (the first ``MERGED_SHOWN``), how many in all (capped), and how.
+    merged: list[Run] = field(default_factory=list)
+    merged_count: int = 0
+    merged_runs_verb: str = ""
+
+    @property
+    def says_why(self) -> bool:
+        """Whether there is anything to say about why the run waits, or was skipped or cancelled."""
+        return bool(self.reason or self.held_on or self.merged_into or self.cancelled_by)
+
+
+def _merged_verb(run: Run) -> str:
+    """How a run was merged into another: as its ``reason`` says, else as its function is set up."""
+    for verb in ("batched", "debounced"):
+        if run.reason.startswith(verb):
+            return verb
+    spec = get_function(run.function)
+    if spec is not None and spec.batch is not None:
+        return "batched"
+    if spec is not None and spec.debounce is not None:
+        return "debounced"
+    return "merged"
+
+
+def _capped_count(queryset: QuerySet[Any]) -> int:
+    """How many rows ``queryset`` has, counting at most the paginator's cap plus one."""
+    return queryset.order_by()[: CappedCountPaginator.cap + 1].count()
+
+
+def run_flow(run: Run, now: dt.datetime | None = None) -> RunFlow:
+    """What flow control did with ``run``: a few primary-key or index-range queries, once per page.
+
+    The result is kept on the run, so the page's fields share it. Lines that would
+    describe a state the run has left (a retried run that was skipped) are left out.
+    """
+    cached: RunFlow | None = getattr(run, "_django_events_flow", None)
+    if cached is not None:
+        return cached
+    now = now or timezone.now()
+    flow = RunFlow()
+    if run.status in EXPLAINED:
+        flow.reason = run.reason
+    if run.status == RunStatus.HELD and run.held_on:
+        flow.held_on = run.held_on
+        flow.held_key = FlowKey.objects.filter(pk=run.held_on).first()
+        flow.held_waiting = _capped_count(Run.objects.filter(status=RunStatus.HELD, held_on=run.held_on))
+        flow.slots_in_use = _capped_count(Slot.objects.filter(flow_key=run.held_on, lease_expires_at__gt=now))
+    if run.status == RunStatus.SKIPPED and run.merged_into is not None:
+        flow.merged_verb = _merged_verb(run)
+        flow.merged_into = run.merged_into
+        flow.merged_target = Run.objects.filter(pk=run.merged_into).only("pk", "status", "function").first()
+    if run.status == RunStatus.CANCELLED and run.cancelled_by is not None:
+        flow.cancelled_by = run.cancelled_by
+        flow.cancelling_event = Event.objects.filter(pk=run.cancelled_by).only("pk", "name").first()
+    # The partial index django_events_run_merged holds only merged runs: a probe for most runs.
+    flow.merged = list(
+        Run.objects.filter(merged_into=run.pk)
+        .order_by("created_at", "pk")
+        .only("pk", "event_id", "event_name", "status", "reason", "function", "created_at")[:MERGED_SHOWN]
+    )
+    if flow.merged:
+        flow.merged_runs_verb = _merged_verb(flow.merged[0])
+        flow.merged_count = (
+            len(flow.merged)
+            if len(flow.merged) < MERGED_SHOWN
+            else _capped_count(Run.objects.filter(merged_into=run.pk))
+        )
+    run._django_events_flow = flow  # type: ignore[attr-defined]
+    return flow
+
+
+def _run_note(run: Run) -> str:
+    """What an event's page says next to one of its runs: why it waits or was skipped, or its error."""
+    if run.status in EXPLAINED and run.reason:
+        return run.reason
+    return run.last_error if run.status not in FINAL_STATUSES or run.status == RunStatus.DEAD else ""
+
+
+def _skipped_by(event: Event) -> list[tuple[str, str]]:
+    """The functions that gave ``event`` no run, and why, sorted by function id, as text to show."""
+    skipped = event.skipped_by
+    if not isinstance(skipped, dict):
+        return [("", _printable(str(skipped)))] if skipped else []
+    return [
+        (_printable(str(function_id)), _printable(reason if isinstance(reason, str) else json.dumps(reason)))
+        for function_id, reason in sorted(skipped.items(), key=lambda item: str(item[0]))
+    ]
+
+
+@dataclass
+class FunctionWork:
+    """One function's waiting work, for the overview."""
+
+    function: str
+    scheduled: int = 0
+    throttled: int = 0
+    held: int = 0
+    #: Concurrency slots in use now (leases not over): its running runs, and woken ones about to start.
+    slots: int = 0
+    #: When its next scheduled or throttled run is due.
+    next_due: dt.datetime | None = None
+
+
+@dataclass
+class KeyCount:
+    """A flow-control key and how many runs (or slots) it has, for the overview."""
+
+    flow_key_id: str
+    count: int
+    #: The key's row; ``None`` if it was deleted since.
+    flow_key: FlowKey | None = None
+
+
+def waiting_work(now: dt.datetime) -> dict[str, Any]:
+    """The waiting work per function and per key: a handful of bounded ``GROUP BY`` queries.
+
+    Each reads only runs in a waiting state, through the partial indexes that hold
+    them (``django_events_run_due`` for scheduled and throttled runs,
+    ``django_events_run_held`` for held ones), and the live concurrency slots; none
+    touches the finished runs, however many there are.
+    """
+    work: dict[str, FunctionWork] = {}
+
+    def row(function: str) -> FunctionWork:
+        return work.setdefault(function, FunctionWork(function))
+
+    for function, status, count, first_due in (
+        Run.objects.filter(status__in=[RunStatus.SCHEDULED, RunStatus.THROTTLED])
+        .values_list("function", "status")
+        .annotate(n=Count("pk"), first_due=Min("due_at"))
+        .order_by()[:TOP_FUNCTIONS]
+    ):
+        setattr(row(function), status, count)
+        current = row(function).next_due
+        if first_due is not None and (current is None or first_due < current):
+            row(function).next_due = first_due
+    held = Run.objects.filter(status=RunStatus.HELD)
+    for function, count in held.values_list("function").annotate(n=Count("pk")).order_by()[:TOP_FUNCTIONS]:
+        row(function).held = count
+    live = Slot.objects.filter(lease_expires_at__gt=now)
+    function_of_key = Subquery(FlowKey.objects.filter(pk=OuterRef("flow_key")).values("function")[:1])
+    for function, count in (
+        live.annotate(function=function_of_key)
+        .values_list("function")
+        .annotate(n=Count("pk"))
+        .order_by()[:TOP_FUNCTIONS]
+    ):
+        row(function or "?").slots = count
+    held_keys = [
+        KeyCount(key, count)
+        for key, count in held.values_list("held_on")
+        .annotate(n=Count("pk"))
+        .order_by("-n", "held_on")[:TOP_KEYS]
+    ]
+    slot_keys = [
+        KeyCount(key, count)
+        for key, count in live.values_list("flow_key")
+        .annotate(n=Count("pk"))
+        .order_by("-n", "flow_key")[:TOP_KEYS]
+    ]
+    keys = FlowKey.objects.in_bulk({item.flow_key_id for item in (*held_keys, *slot_keys)})
+    for item in (*held_keys, *slot_keys):
+        item.flow_key = keys.get(item.flow_key_id)
+    return {
+        "functions": sorted(work.values(), key=lambda item: item.function),
+        "held_keys": held_keys,
+        "slot_keys": slot_keys,
+        "top_keys": TOP_KEYS,
+    }
+
+
+@dataclass
+class CronSchedule:
+    """A cron function and its next tick, for the overview."""
+
+    function: Function
+    #: When its next tick run is due; ``None``: no tick is scheduled (no worker has run yet).
+    next_tick: dt.datetime | None
+
+    @property
+    def zone(self) -> str:
+        """The time zone its cron expressions are read in."""
+        return str(self.function.zone())
+
+
+def cron_schedule() -> list[CronSchedule]:
+    """Each registered cron function and when its next tick (a scheduled tick run) is due: one query."""
+    functions = sorted((spec for spec in registered_functions() if spec.cron), key=lambda spec: spec.id)
+    if not functions:
+        return []
+    next_ticks = dict(
+        Run.objects.filter(
+            function__in=[spec.id for spec in functions],
+            event_name=CRON_EVENT_NAME,
+            status=RunStatus.SCHEDULED,
+        )
+        .values_list("function")
+        .annotate(next_tick=Min("due_at"))
+        .order_by()
+    )
+    return [CronSchedule(spec, next_ticks.get(spec.id)) for spec in functions]
+
+
 @admin.register(Run)
 class RunAdmin(_ReadOnlyAdmin):
     list_display = [
@@ -231,9 +481,12 @@ class RunAdmin(_ReadOnlyAdmin):
         "status_badge",
         "attempts_used",
         "duration",
-        "next_retry",
+        "due",
+        "why_short",
         "created_at",
     ]
+    # "status" offers every RunStatus choice, the flow-control states too; each is a range of the
+    # (status, -created_at) index, in the list's order.
     list_filter = ["status", FunctionFilter, EventNameFilter]
     date_hierarchy = "created_at"
     search_fields = ["function"]  # shows the search box; get_search_results does the work
@@ -248,18 +501,23 @@ class RunAdmin(_ReadOnlyAdmin):
         "function",
         "event_link",
         "status_badge",
+        "why",
+        "priority",
         "attempts_used",
         "created_at",
         "started_at",
         "finished_at",
         "duration",
-        "next_retry",
+        "due",
         "lease_expires_at",
         "last_error",
         "event_data",
         "result_json",
+        "merged_runs",
         "attempt_history",
     )
+    #: Links from the run page and the overview filter the list by these (not in the sidebar).
+    hidden_lookups = frozenset({"held_on", "merged_into"})
 
     # -- columns and fields ----------------------------------------------------------------
 
@@ -280,11 +538,51 @@ class RunAdmin(_ReadOnlyAdmin):
     def duration(self, run: Run) -> str:
         return _duration(run.started_at, run.finished_at)
 
-    @admin.display(description=_("next retry"), ordering="due_at")
-    def next_retry(self, run: Run) -> str:
-        if run.status == RunStatus.RETRYING and run.due_at:
+    @admin.display(description=_("due"), ordering="due_at")
+    def due(self, run: Run) -> str:
+        """When a retrying, scheduled or throttled run is next due to start."""
+        if run.status in SHOWS_DUE and run.due_at:
             return timezone.localtime(run.due_at).strftime("%Y-%m-%d %H:%M:%S")
         return "-"
+
+    @admin.display(description=_("why"))
+    def why_short(self, run: Run) -> str:
+        """The run's reason in the list, when it explains the run's status (escaped by the list)."""
+        return run.reason if run.status in EXPLAINED and run.reason else ""
+
+    @admin.display(description=_("why"))
+    def why(self, run: Run) -> SafeString:
+        """Why the run waits, or was skipped or cancelled: ``includes/flow.html``."""
+        return _include("flow", {"flow": run_flow(run), "cap": CappedCountPaginator.cap})
+
+    @admin.display(description=_("merged runs"))
+    def merged_runs(self, run: Run) -> SafeString:
+        """The runs batched (or debounced) into this one: ``includes/merged.html``."""
+        flow = run_flow(run)
+        return _include(
+            "merged",
+            {
+                "runs": [(merged, _badge(merged.status)) for merged in flow.merged],
+                "count": flow.merged_count,
+                "more": flow.merged_count - len(flow.merged),
+                "cap": CappedCountPaginator.cap,
+                "verb": flow.merged_runs_verb,
+                "run_id": run.pk,
+            },
+        )
+
+    def get_fields(self, request: HttpRequest, obj: Any = None) -> Any:
+        """The run page's fields, without the flow-control ones that have nothing to say."""
+        fields = list(super().get_fields(request, obj))
+        if isinstance(obj, Run):
+            flow = run_flow(obj)
+            hidden = {
+                "why": not flow.says_why,
+                "priority": obj.priority is None,
+                "merged_runs": not flow.merged,
+            }
+            fields = [name for name in fields if not (isinstance(name, str) and hidden.get(name, False))]
+        return fields
 
     @admin.display(description=_("event data"))
     def event_data(self, run: Run) -> SafeString:
@@ -318,6 +616,10 @@ class RunAdmin(_ReadOnlyAdmin):
 
     def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
         return IndexedDateHierarchyChangeList
+
+    def lookup_allowed(self, lookup: str, value: str, request: HttpRequest) -> bool:
+        """Also the exact lookups the flow-control links use: runs held on a key, runs merged into one."""
+        return lookup in self.hidden_lookups or super().lookup_allowed(lookup, value, request)
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Run]:
         queryset = super().get_queryset(request)
@@ -353,15 +655,22 @@ class RunAdmin(_ReadOnlyAdmin):
 
     @admin.action(description=_("Retry selected runs"), permissions=["retry"])
     def retry_selected(self, request: HttpRequest, queryset: QuerySet[Run]) -> None:
-        self._act(request, queryset.values_list("pk", flat=True), "retry")
+        self._act(request, queryset, "retry")
 
     @admin.action(description=_("Cancel selected runs"), permissions=["cancel"])
     def cancel_selected(self, request: HttpRequest, queryset: QuerySet[Run]) -> None:
-        self._act(request, queryset.values_list("pk", flat=True), "cancel")
+        self._act(request, queryset, "cancel")
 
-    def _act(self, request: HttpRequest, run_ids: Iterable[Any], name: str) -> None:
+    def _act(self, request: HttpRequest, runs: QuerySet[Run], name: str) -> None:
+        """Do action ``name`` on the eligible ones of ``runs``; report them done, the rest skipped.
+
+        The runs are narrowed to the action's statuses first (:data:`ACTION_STATUSES`): the
+        state machine also lets a held run go to pending, but only when flow control wakes it.
+        """
         action, report = RUN_ACTIONS[name]
-        self._report(request, action(run_ids), report)
+        asked = len(runs.values_list("pk", flat=True))
+        outcome = action(runs.filter(status__in=ACTION_STATUSES[name]).values_list("pk", flat=True))
+        self._report(request, control.Outcome(done=outcome.done, skipped=asked - outcome.done), report)
 
     # -- views -----------------------------------------------------------------------------
 
@@ -381,7 +690,7 @@ class RunAdmin(_ReadOnlyAdmin):
         return self._one_run_action(request, object_id, "retry")
 
     def cancel_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
-        """POST: cancel one pending or retrying run."""
+        """POST: cancel one run not started yet (pending, scheduled, throttled, held or retrying)."""
         if not self.has_cancel_permission(request):
             raise PermissionDenied
         return self._one_run_action(request, object_id, "cancel")
@@ -391,7 +700,7 @@ class RunAdmin(_ReadOnlyAdmin):
         if not_post:
             return not_post
         run = get_object_or_404(Run, pk=_as_uuid(object_id) or _not_found())
-        self._act(request, [run.pk], name)
+        self._act(request, Run.objects.filter(pk=run.pk), name)
         return HttpResponseRedirect(reverse("admin:django_events_run_change", args=[run.pk]))
 
     def change_view(
@@ -413,7 +722,8 @@ class RunAdmin(_ReadOnlyAdmin):
         return super().change_view(request, object_id, form_url, extra_context)
 
     def overview_view(self, request: HttpRequest) -> HttpResponse:
-        """Runs by status and function over the last hour and day, and the dead runs to look at."""
+        """Runs by status and function over the last hour and day, the dead runs to look at, the
+        waiting work per function and key (flow control), and each cron function's next tick."""
         if not self.has_view_permission(request):
             raise PermissionDenied
         now = timezone.now()
@@ -455,11 +765,15 @@ class RunAdmin(_ReadOnlyAdmin):
             "title": _("Events overview"),
             "opts": self.opts,
             "statuses": [(status, _badge(status)) for status in RunStatus.values],
+            "badges": {status: _badge(status) for status in RunStatus.values},
             "windows": windows,
             "dead_runs": dead,
             "dead_count": Run.objects.dead()[: CappedCountPaginator.cap + 1].count(),
             "cap": CappedCountPaginator.cap,
             "attention": [RunStatus.DEAD],
+            "waiting": waiting_work(now),
+            "cron": cron_schedule(),
+            "cron_event_name": CRON_EVENT_NAME,
         }
         return TemplateResponse(request, "admin/django_events/overview.html", context)
 
@@ -475,7 +789,15 @@ class EventAdmin(_ReadOnlyAdmin):
     )
     ordering = ["-created_at"]
     actions = ["replay_selected"]
-    fields = readonly_fields = ("id", "name", "idempotency_key", "created_at", "data_json", "run_list")
+    fields = readonly_fields = (
+        "id",
+        "name",
+        "idempotency_key",
+        "created_at",
+        "data_json",
+        "skipped_list",
+        "run_list",
+    )
 
     def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
         return EventChangeList
@@ -485,8 +807,23 @@ class EventAdmin(_ReadOnlyAdmin):
         counts: Counter[str] = getattr(event, "run_counts", None) or Counter()
         return _include(
             "run_counts",
-            {"counts": [(counts[status], _badge(status)) for status in RunStatus.values if counts[status]]},
+            {
+                "counts": [(counts[status], _badge(status)) for status in RunStatus.values if counts[status]],
+                "filtered": len(event.skipped_by) if isinstance(event.skipped_by, dict) else 0,
+            },
         )
+
+    @admin.display(description=_("why didn't it run?"))
+    def skipped_list(self, event: Event) -> SafeString:
+        """The functions subscribed to the event that gave it no run, and why (``skipped_by.html``)."""
+        return _include("skipped_by", {"skipped": _skipped_by(event)})
+
+    def get_fields(self, request: HttpRequest, obj: Any = None) -> Any:
+        """The event page's fields; "why didn't it run?" only when a function gave it no run."""
+        fields = list(super().get_fields(request, obj))
+        if isinstance(obj, Event) and not obj.skipped_by:
+            fields.remove("skipped_list")
+        return fields
 
     @admin.display(description=_("data"))
     def data_json(self, event: Event) -> SafeString:
@@ -498,16 +835,9 @@ class EventAdmin(_ReadOnlyAdmin):
         return _include(
             "runs",
             {
-                "runs": [
-                    (
-                        run,
-                        _badge(run.status),
-                        run.last_error
-                        if run.status not in FINAL_STATUSES or run.status == RunStatus.DEAD
-                        else "",
-                    )
-                    for run in runs
-                ]
+                "runs": [(run, _badge(run.status), _run_note(run)) for run in runs],
+                "event_name": event.name,
+                "filtered": bool(event.skipped_by),
             },
         )
 

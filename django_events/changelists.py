@@ -41,10 +41,12 @@ from dramatiq.common import q_name
 
 from .conf import get_settings
 from .models import Run
+from .names import is_wildcard
 from .registry import registered_functions
 from .text import has_unstorable
 
 __all__ = [
+    "CRON_EVENT_NAME",
     "CappedCountPaginator",
     "ContainsText",
     "EventChangeList",
@@ -57,6 +59,9 @@ __all__ = [
     "search_values",
 ]
 
+
+#: The name of the tick events of cron functions (the runs of a cron function have it).
+CRON_EVENT_NAME = "django_events/cron"
 
 #: A JSON value :class:`HasMember` compares: text, a number, true, false or null.
 JSONScalar = str | int | float | bool | None
@@ -393,14 +398,19 @@ class FunctionFilter(RegistryChoicesFilter):
 
 
 class EventNameFilter(RegistryChoicesFilter):
-    """Runs by event name: the triggers of the registered functions."""
+    """Runs by event name: the triggers of the registered functions that are names, not patterns
+    (a run's event name is never ``app/user.*``), and the cron tick's if a function has ``cron``."""
 
     title = _("event name")
     parameter_name = "event_name"
     field = "event_name"
 
     def choices_from_registry(self) -> list[str]:
-        return [trigger for function in registered_functions() for trigger in function.triggers]
+        functions = tuple(registered_functions())
+        names = [name for function in functions for name in function.triggers if not is_wildcard(name)]
+        if any(function.cron for function in functions):
+            names.append(CRON_EVENT_NAME)
+        return names
 
 
 class QueueNameFilter(RegistryChoicesFilter):
