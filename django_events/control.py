@@ -14,9 +14,8 @@ from typing import Any
 
 import dramatiq
 from django.db import connections, router, transaction
-from django.utils import timezone
 
-from . import dispatch, ledger
+from . import clock, dispatch, ledger
 from .broker import DatabaseBroker
 from .models import Event, QueuedMessage, QueuedMessageState, Run
 
@@ -48,7 +47,7 @@ def retry_runs(run_ids: Iterable[Any]) -> Outcome:
     ids = list(dict.fromkeys(run_ids))
     using = router.db_for_write(Run)
     with transaction.atomic(using=using):
-        moved = ledger.retry(ids, using=using, now=timezone.now())
+        moved = ledger.retry(ids, using=using, now=clock.now())
         dispatch.send_with_transaction(moved, using)
     return Outcome(done=len(moved), skipped=len(ids) - len(moved))
 
@@ -59,7 +58,7 @@ def cancel_runs(run_ids: Iterable[Any]) -> Outcome:
     Running and final runs are skipped.
     """
     ids = list(dict.fromkeys(run_ids))
-    done = ledger.cancel(ids, using=router.db_for_write(Run), now=timezone.now())
+    done = ledger.cancel(ids, using=router.db_for_write(Run), now=clock.now())
     return Outcome(done=done, skipped=len(ids) - done)
 
 
@@ -70,7 +69,7 @@ def replay_event(event: Event) -> list[Run]:
     (none if no function subscribes to the name any more).
     """
     using = router.db_for_write(Run)
-    runs = ledger.new_runs(event, timezone.now())
+    runs = ledger.new_runs(event, clock.now())
     if runs:
         with transaction.atomic(using=using):
             ledger.insert([], runs, using)
@@ -104,7 +103,7 @@ def requeue_dead_messages(message_ids: Iterable[int], using: str | None = None) 
     """
     ids = list(dict.fromkeys(message_ids))
     using = using or router.db_for_write(QueuedMessage)
-    now = timezone.now()
+    now = clock.now()
     done = 0
     queues: set[str] = set()
     with transaction.atomic(using=using):

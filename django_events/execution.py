@@ -25,11 +25,10 @@ from functools import cache
 from typing import Any
 
 from django.db import DatabaseError, connections, router, transaction
-from django.utils import timezone
 from dramatiq.middleware.shutdown import Shutdown
 from dramatiq.middleware.time_limit import TimeLimitExceeded
 
-from . import dispatch, ledger, signals
+from . import clock, dispatch, flow, ledger, signals
 from .conf import get_settings
 from .exceptions import (
     FunctionNotFoundError,
@@ -38,7 +37,7 @@ from .exceptions import (
     RetryAfterError,
 )
 from .models import WAITING_STATUSES, Attempt, AttemptOutcome, Run, RunStatus
-from .registry import Context, get_function, lease_seconds
+from .registry import Context, controls_start, get_function, has_concurrency, lease_seconds
 from .sending import send
 from .text import clip, short_repr, storable, storable_json
 
@@ -48,6 +47,7 @@ __all__ = [
     "Failure",
     "backoff_delay",
     "classify",
+    "execute",
     "execute_run",
     "record",
 ]
@@ -110,7 +110,18 @@ def backoff_delay(attempt: int) -> float:
 def execute_run(
     run_id: Any, *, ignore_due: bool = False, enqueue: bool = True, lease: float | None = None
 ) -> Execution:
-    """Claim run ``run_id``, call its function and record how it ended.
+    """Claim run ``run_id``, call its function and record how it ended: :func:`execute`'s first half."""
+    return execute(run_id, ignore_due=ignore_due, enqueue=enqueue, lease=lease)[0]
+
+
+def execute(
+    run_id: Any, *, ignore_due: bool = False, enqueue: bool = True, lease: float | None = None
+) -> tuple[Execution, Any]:
+    """Claim run ``run_id``, call its function and record how it ended; return that and the run's id.
+
+    The run executed is another than ``run_id`` for a function with a priority:
+    the message of a due run is a turn, taken by the function's run that goes
+    first (``flow.claim``).
 
     Args:
         run_id: the run's primary key.
@@ -130,21 +141,31 @@ def execute_run(
         run_id = uuid.UUID(str(run_id))
     except ValueError:
         logger.warning("Dropped a message for run %s: not a run id.", short_repr(run_id))
-        return Execution.SKIPPED
+        return Execution.SKIPPED, run_id
     using = router.db_for_write(Run)
-    now = timezone.now()
-    if lease is None:
+    now = clock.now()
+    spec = None
+    if lease is None or controls_start():
+        # The function decides the lease, and whether flow control must admit the run first.
         function_id = Run.objects.using(using).filter(pk=run_id).values_list("function", flat=True).first()
         if function_id is None:
             logger.warning("Dropped a message for run %s: no such run.", run_id)
-            return Execution.SKIPPED
-        lease = lease_seconds(function_id)
-    run = ledger.claim(
-        run_id, using=using, now=now, lease_until=now + dt.timedelta(seconds=lease), ignore_due=ignore_due
-    )
+            return Execution.SKIPPED, run_id
+        lease = lease_seconds(function_id) if lease is None else lease
+        spec = get_function(function_id)
+    lease_until = now + dt.timedelta(seconds=lease)
+    if spec is not None and spec.controls_start:
+        claimed = flow.claim(
+            run_id, spec, using=using, now=now, lease_until=lease_until, ignore_due=ignore_due
+        )
+        if claimed is flow.HELD_BACK:
+            return Execution.SKIPPED, run_id
+        run = claimed if isinstance(claimed, Run) else None
+    else:
+        run = ledger.claim(run_id, using=using, now=now, lease_until=lease_until, ignore_due=ignore_due)
     if run is None:
         _not_claimed(run_id, using=using, now=now, ignore_due=ignore_due, enqueue=enqueue)
-        return Execution.SKIPPED
+        return Execution.SKIPPED, run_id
     attempt = run.attempts
     log = _RunLogger(
         logging.getLogger("django_events.functions"),
@@ -159,7 +180,7 @@ def execute_run(
         run.max_attempts,
     )
     result, failure = _call(run, attempt, log)
-    return record(run, attempt, now, result, failure, using=using, enqueue=enqueue)
+    return record(run, attempt, now, result, failure, using=using, enqueue=enqueue), run.pk
 
 
 def _not_claimed(run_id: uuid.UUID, *, using: str, now: dt.datetime, ignore_due: bool, enqueue: bool) -> None:
@@ -200,6 +221,7 @@ def _call(run: Run, attempt: int, log: logging.LoggerAdapter[logging.Logger]) ->
         max_attempts=run.max_attempts,
         function_id=run.function,
         logger=log,
+        events=flow.batch_events(run) if spec.batch is not None else [run.event],
     )
     try:
         return _json_result(spec.fn(ctx)), None
@@ -296,7 +318,7 @@ def record(
     changed (the attempt is still kept in the history if its number is free) and
     ``Execution.STALE`` is returned.
     """
-    finished = timezone.now()
+    finished = clock.now()
     attempt_row = Attempt(
         run_id=run.pk,
         number=attempt,
@@ -306,6 +328,23 @@ def record(
         worker_pid=os.getpid(),
     )
     outcome = _Outcome.of(failure, result, finished)
+    deadline = flow.finish_deadline(run)
+    if (
+        outcome.to == RunStatus.RETRYING
+        and deadline is not None
+        and outcome.due_at
+        and outcome.due_at > deadline
+    ):
+        # Timeouts.finish: no attempt starts after it, so the run ends now.
+        outcome = dataclasses.replace(
+            outcome,
+            to=RunStatus.DEAD,
+            due_at=None,
+            message=clip(
+                f"{outcome.message} [no retry: Timeouts.finish ends the run at {deadline:%H:%M:%S}]",
+                MESSAGE_LENGTH,
+            ),
+        )
     try:
         moved = _store(run, attempt_row, outcome, using=using, enqueue=enqueue)
     except DatabaseError as error:
@@ -395,7 +434,8 @@ def _store(run: Run, attempt_row: Attempt, outcome: _Outcome, *, using: str, enq
         outcome.message,
         outcome.traceback,
     )
-    if outcome.to == RunStatus.SUCCEEDED and not connections[using].in_atomic_block:
+    limited = has_concurrency(run.function)
+    if outcome.to == RunStatus.SUCCEEDED and not limited and not connections[using].in_atomic_block:
         # The common case: one statement in autocommit, nothing else to write with it.
         return ledger.record(run, attempt_row, outcome.to, using=using, result=outcome.result)
     with transaction.atomic(using=using):  # a savepoint, inside a caller's transaction
@@ -414,6 +454,10 @@ def _store(run: Run, attempt_row: Attempt, outcome: _Outcome, *, using: str, enq
             dispatch.send_with_transaction([(run.pk, run.function)], using, delay=delay)
         if moved and outcome.to == RunStatus.DEAD and run.event_name != RUN_DEAD_EVENT:
             _send_dead_event(run, attempt_row.number)
+        if moved and limited:
+            # Its concurrency slots go to the runs held on them, in this transaction.
+            woken = flow.release(run, using=using, now=attempt_row.finished_at)
+            dispatch.send_with_transaction(woken, using)
     return moved
 
 

@@ -15,8 +15,16 @@ function                  move
                           with the attempt's row
 :func:`keep_stale_attempt`  the history of an attempt whose run was taken over
 :func:`retry`             ``dead`` / ``cancelled`` / ``succeeded`` -> ``pending`` (by hand)
-:func:`cancel`            ``pending`` / ``retrying`` -> ``cancelled``
+:func:`cancel`            not started (``pending`` / ``scheduled`` / ``throttled`` / ``held`` /
+                          ``retrying``) -> ``cancelled``
 :func:`take_overdue`      waiting runs whose message is overdue: due again now, for recovery
+:func:`lock_claimable`    lock a due run (the best of its function, with a priority) for flow control
+:func:`hold_back`         a due run -> ``throttled`` / ``held`` / ``skipped`` / ``cancelled`` / ``dead``
+:func:`wake`              ``held`` -> ``pending`` (a slot kept for it)
+:func:`merge`             waiting -> ``skipped``, handled by another run (debounce)
+:func:`start_now`         ``scheduled`` -> ``pending`` (a full batch)
+:func:`take_slots`,       a run's concurrency slots; :func:`lock_keys`, :func:`save_key`: the
+:func:`release_slots`     state of a flow-control key
 ========================  ===================================================
 
 Where a faster statement exists for a vendor (PostgreSQL, SQLite 3.35+ with
@@ -44,7 +52,7 @@ from django.db.models import DateTimeField, F, Value
 from django.db.models.functions import Coalesce
 
 from . import rawsql
-from .models import TRANSITIONS, WAITING_STATUSES, Attempt, Event, FlowKey, Run, RunStatus, sources_of
+from .models import TRANSITIONS, WAITING_STATUSES, Attempt, Event, FlowKey, Run, RunStatus, Slot, sources_of
 from .registry import functions_for, lease_seconds, max_attempts_for, registered_functions
 
 __all__ = [
@@ -52,15 +60,24 @@ __all__ = [
     "claim",
     "fast_statements",
     "flow_key_id",
+    "hold_back",
     "insert",
     "insert_keyed",
     "keep_stale_attempt",
+    "live_slots",
+    "lock_claimable",
     "lock_keys",
+    "lock_open",
+    "merge",
     "new_runs",
     "record",
+    "release_slots",
     "retry",
     "save_key",
+    "start_now",
     "take_overdue",
+    "take_slots",
+    "wake",
 ]
 
 _fast = True
@@ -536,12 +553,205 @@ def retry(run_ids: Iterable[Any], *, using: str, now: dt.datetime) -> list[tuple
     return [(pk, function_id) for function_id, pks in by_function.items() for pk in pks]
 
 
-def cancel(run_ids: Iterable[Any], *, using: str, now: dt.datetime) -> int:
-    """Move the runs that may be cancelled (pending, retrying) to ``cancelled``; return how many moved."""
-    return (
+def cancel(
+    run_ids: Iterable[Any],
+    *,
+    using: str,
+    now: dt.datetime,
+    reason: str = "",
+    cancelled_by: Any = None,
+) -> int:
+    """Cancel the runs not started yet (pending, scheduled, throttled, held, retrying); return how many moved.
+
+    ``reason`` (one line) and ``cancelled_by`` (the cancelling event's id) are kept on
+    the runs. A slot kept for a woken run is given back.
+    """
+    ids = list(dict.fromkeys(run_ids))
+    with transaction.atomic(using=using):
+        moved = (
+            Run.objects.using(using)
+            .filter(pk__in=ids)
+            .move(
+                RunStatus.CANCELLED,
+                finished_at=now,
+                due_at=None,
+                lease_expires_at=None,
+                reason=reason[:255],
+                cancelled_by=cancelled_by,
+                held_on="",
+            )
+        )
+        if moved:
+            Slot.objects.using(using).filter(run_id__in=ids).delete()
+    return moved
+
+
+# -- flow control: holding a run back, slots, waking -------------------------------------------
+
+
+def lock_claimable(
+    run_id: Any, *, using: str, now: dt.datetime, ignore_due: bool = False, best_of: str | None = None
+) -> Run | None:
+    """Lock run ``run_id`` if it is waiting and due (or ``ignore_due``), with its event; else ``None``.
+
+    ``best_of``: the id of a function with a priority. If run ``run_id`` is due,
+    lock instead the function's due run that goes first (highest priority, then
+    oldest), skipping runs another worker has locked: a message is a turn to run
+    the function, and the database decides which run takes it. The run passed
+    over keeps its place; the message of the run taken is the turn it gets.
+
+    Call it inside a transaction; then move the run with :func:`claim` or hold it
+    back with :func:`hold_back`.
+    """
+    claimable = Run.objects.using(using).claimable(now, ignore_due=ignore_due)
+    own = _locked_waiting(claimable.filter(pk=run_id), using, skip=False)
+    if own is None or best_of is None or ignore_due:
+        return own
+    best = _locked_waiting(
+        claimable.filter(function=best_of, priority__isnull=False).order_by("-priority", "created_at"),
+        using,
+        skip=True,
+    )
+    return best or own
+
+
+def _locked_waiting(queryset: Any, using: str, *, skip: bool) -> Run | None:
+    features = connections[using].features
+    queryset = queryset.select_related("event")
+    if features.has_select_for_update:
+        of = ("self",) if features.has_select_for_update_of else ()
+        queryset = queryset.select_for_update(
+            skip_locked=skip and features.has_select_for_update_skip_locked, of=of
+        )
+    run: Run | None = queryset.first()
+    return run
+
+
+def hold_back(
+    run: Run,
+    to: str,
+    *,
+    using: str,
+    now: dt.datetime,
+    reason: str,
+    due_at: dt.datetime | None = None,
+    held_on: str = "",
+) -> bool:
+    """Move a waiting run (locked by :func:`lock_claimable`) to ``to`` instead of running it.
+
+    ``throttled`` (its turn at ``due_at``), ``held`` (waiting for a slot of the
+    concurrency key ``held_on``), ``skipped`` (final: a rate limit), ``cancelled``
+    (final: its start timeout) or ``dead`` (final: its finish timeout), with
+    ``reason`` as its one line. Returns whether it moved (from the status read).
+    """
+    final = to in (RunStatus.SKIPPED, RunStatus.CANCELLED, RunStatus.DEAD)
+    if to == RunStatus.DEAD and reason:
+        extra: dict[str, Any] = {"last_error": reason[:1000]}
+    else:
+        extra = {}
+    moved = (
         Run.objects.using(using)
-        .filter(pk__in=list(dict.fromkeys(run_ids)))
-        .move(RunStatus.CANCELLED, finished_at=now, due_at=None, lease_expires_at=None)
+        .filter(pk=run.pk, status=run.status)
+        .move(
+            to,
+            reason=reason[:255],
+            due_at=due_at,
+            held_on=held_on,
+            finished_at=now if final else None,
+            lease_expires_at=None,
+            **extra,
+        )
+    )
+    if moved:
+        run.status, run.reason, run.due_at, run.held_on = to, reason[:255], due_at, held_on
+    return bool(moved)
+
+
+def live_slots(flow_key: str, *, using: str, now: dt.datetime, besides: Any = None) -> int:
+    """How many slots of the concurrency key ``flow_key`` are held now (leases not over), but ``besides``'."""
+    slots = Slot.objects.using(using).filter(flow_key=flow_key, lease_expires_at__gt=now)
+    if besides is not None:
+        slots = slots.exclude(run_id=besides)
+    return slots.count()
+
+
+def take_slots(run_id: Any, flow_keys: Sequence[str], *, using: str, until: dt.datetime) -> None:
+    """Give run ``run_id`` a slot of each concurrency key in ``flow_keys``, held until ``until``.
+
+    A slot already kept for it (it was woken) is extended instead of doubled.
+    """
+    kept = set(
+        Slot.objects.using(using)
+        .filter(run_id=run_id, flow_key__in=flow_keys)
+        .values_list("flow_key", flat=True)
+    )
+    if kept:
+        Slot.objects.using(using).filter(run_id=run_id, flow_key__in=kept).update(lease_expires_at=until)
+    Slot.objects.using(using).bulk_create(
+        [Slot(flow_key=key, run_id=run_id, lease_expires_at=until) for key in flow_keys if key not in kept]
+    )
+
+
+def release_slots(run_id: Any, *, using: str) -> list[str]:
+    """Give back every slot run ``run_id`` holds; return their concurrency keys (FlowKey ids)."""
+    slots = Slot.objects.using(using).filter(run_id=run_id)
+    keys = sorted(set(slots.values_list("flow_key", flat=True)))
+    if keys:
+        slots.delete()
+    return keys
+
+
+def wake(
+    flow_key: str, *, count: int, using: str, now: dt.datetime, slot_until: dt.datetime
+) -> list[tuple[Any, str]]:
+    """Wake up to ``count`` runs held on ``flow_key`` (highest priority, then oldest): ``pending``, due now.
+
+    Each keeps a slot of the key until ``slot_until``, so that a run arriving
+    meanwhile does not take it. Call it inside a transaction that holds the key's
+    lock (:func:`lock_keys`) and sends the returned runs' messages.
+    """
+    if count <= 0:
+        return []
+    held = (
+        Run.objects.using(using)
+        .filter(status=RunStatus.HELD, held_on=flow_key)
+        .order_by("-priority", "created_at")
+    )
+    rows = list(_locked(held, using).values_list("pk", "function")[:count])
+    if not rows:
+        return []
+    ids = [pk for pk, _function in rows]
+    Run.objects.using(using).filter(pk__in=ids, status=RunStatus.HELD).move(
+        RunStatus.PENDING, due_at=now, held_on="", reason=""
+    )
+    Slot.objects.using(using).bulk_create(
+        [Slot(flow_key=flow_key, run_id=pk, lease_expires_at=slot_until) for pk in ids]
+    )
+    return rows
+
+
+def merge(run_id: Any, *, into: Any, reason: str, using: str, now: dt.datetime) -> bool:
+    """Skip waiting run ``run_id``: run ``into`` handles its event (debounce). Whether it moved."""
+    return bool(
+        Run.objects.using(using)
+        .filter(pk=run_id, status__in=WAITING_STATUSES, attempts=0)
+        .move(RunStatus.SKIPPED, merged_into=into, reason=reason[:255], finished_at=now, due_at=None)
+    )
+
+
+def lock_open(run_id: Any, *, using: str) -> Run | None:
+    """Lock run ``run_id`` if it has not started (a batch's open run), else ``None``."""
+    return _locked_waiting(
+        Run.objects.using(using).filter(pk=run_id, status=RunStatus.SCHEDULED, attempts=0), using, skip=False
+    )
+
+
+def start_now(run_id: Any, *, using: str, now: dt.datetime) -> bool:
+    """Make a scheduled run due now (a batch that filled up). Whether it moved."""
+    return bool(
+        Run.objects.using(using)
+        .filter(pk=run_id, status=RunStatus.SCHEDULED)
+        .move(RunStatus.PENDING, due_at=now)
     )
 
 

@@ -42,17 +42,21 @@ class RunStatus(models.TextChoices):
 
 #: The state machine: for each status, the statuses a run may move to from it.
 #: Every conditional UPDATE that changes a run's status filters on this table.
-#: What flow control may do with a run about to start: make it wait its turn or for a slot, or skip it.
-_HELD_BACK = frozenset({RunStatus.THROTTLED, RunStatus.HELD, RunStatus.SKIPPED, RunStatus.SCHEDULED})
+#: What flow control may do with a run about to start: make it wait its turn or for a slot, skip it,
+#: or end it (dead: not finished within its Timeouts.finish).
+_HELD_BACK = frozenset(
+    {RunStatus.THROTTLED, RunStatus.HELD, RunStatus.SKIPPED, RunStatus.SCHEDULED, RunStatus.DEAD}
+)
 
 TRANSITIONS: dict[str, frozenset[str]] = {
     RunStatus.PENDING: frozenset({RunStatus.RUNNING, RunStatus.CANCELLED, *_HELD_BACK}),
-    RunStatus.SCHEDULED: frozenset({RunStatus.RUNNING, RunStatus.CANCELLED, *_HELD_BACK}),
+    # -> PENDING: a batch that filled up starts at once.
+    RunStatus.SCHEDULED: frozenset({RunStatus.RUNNING, RunStatus.CANCELLED, RunStatus.PENDING, *_HELD_BACK}),
     RunStatus.THROTTLED: frozenset(
         {RunStatus.RUNNING, RunStatus.CANCELLED, RunStatus.HELD, RunStatus.SKIPPED}
     ),
     # A held run is woken (pending, a slot kept for it) when one frees.
-    RunStatus.HELD: frozenset({RunStatus.PENDING, RunStatus.CANCELLED, RunStatus.SKIPPED}),
+    RunStatus.HELD: frozenset({RunStatus.PENDING, RunStatus.CANCELLED, RunStatus.SKIPPED, RunStatus.DEAD}),
     # RUNNING -> RETRYING / DEAD also when the lease expired (the worker died): see recovery.py.
     RunStatus.RUNNING: frozenset({RunStatus.SUCCEEDED, RunStatus.RETRYING, RunStatus.DEAD}),
     RunStatus.RETRYING: frozenset(
@@ -147,6 +151,10 @@ class RunQuerySet(models.QuerySet["Run"]):
     def not_final(self) -> RunQuerySet:
         """Runs still to be executed, or being executed."""
         return self.exclude(status__in=FINAL_STATUSES)
+
+    def not_started(self) -> RunQuerySet:
+        """Runs not started yet, or waiting for their next attempt: what a cancel can stop."""
+        return self.filter(status__in=sorted(NOT_STARTED_STATUSES))
 
     def dead(self) -> RunQuerySet:
         """Runs in the dead-letter state."""

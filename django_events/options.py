@@ -34,6 +34,7 @@ __all__ = [
     "RateLimit",
     "Throttle",
     "Timeouts",
+    "as_seconds",
     "key_of",
     "seconds",
 ]
@@ -62,6 +63,11 @@ def seconds(value: object, what: str, *, minimum: float = MIN_PERIOD) -> float:
             f"{what} must be from {minimum:g} to {MAX_DURATION} seconds (ten years), not {value!r}."
         )
     return number
+
+
+def as_seconds(value: float | dt.timedelta) -> float:
+    """A checked period or timeout (already seconds once its class checked it) as a float."""
+    return value.total_seconds() if isinstance(value, dt.timedelta) else float(value)
 
 
 def _limit(value: object, what: str) -> int:
@@ -150,7 +156,7 @@ class Throttle:
     @property
     def interval(self) -> float:
         """Seconds between two starts at the steady rate."""
-        return float(self.period) / self.limit  # type: ignore[arg-type]
+        return as_seconds(self.period) / self.limit
 
 
 @dataclass(frozen=True)
@@ -169,7 +175,7 @@ class RateLimit:
     @property
     def interval(self) -> float:
         """Seconds each run uses of the allowance."""
-        return float(self.period) / self.limit  # type: ignore[arg-type]
+        return as_seconds(self.period) / self.limit
 
 
 @dataclass(frozen=True)

@@ -120,6 +120,8 @@ class Context:
         max_attempts: the attempts this run is allowed in all.
         function_id: the id of the function being run.
         logger: a logger that tags its lines with the run id and function.
+        events: the events this run handles: ``[event]``, or for a function with
+            ``batch=`` every event of the batch, oldest first.
     """
 
     event: Event
@@ -128,6 +130,11 @@ class Context:
     max_attempts: int
     function_id: str
     logger: logging.LoggerAdapter[logging.Logger] = field(repr=False)
+    events: list[Event] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.events:
+            self.events = [self.event]
 
     @property
     def is_last_attempt(self) -> bool:
@@ -394,7 +401,7 @@ def unregister(function_id: str) -> None:
 
 
 def _rebuild_index() -> None:
-    global _by_trigger, _wildcards, _matched, _with_cancel_on
+    global _by_trigger, _wildcards, _matched, _with_cancel_on, _folding, _controlled, _limited
     index: dict[str, list[Function]] = {}
     wildcards: list[tuple[str, Function]] = []
     for spec in _functions.values():
@@ -407,6 +414,9 @@ def _rebuild_index() -> None:
     _wildcards = tuple(wildcards)
     _matched = {}
     _with_cancel_on = tuple(spec for spec in _functions.values() if spec.cancel_on)
+    _folding = frozenset(spec.id for spec in _functions.values() if spec.debounce or spec.batch)
+    _controlled = frozenset(spec.id for spec in _functions.values() if spec.controls_start)
+    _limited = frozenset(spec.id for spec in _functions.values() if spec.concurrency)
 
 
 _wildcards: tuple[tuple[str, Function], ...] = ()
@@ -444,6 +454,29 @@ def cancellers_for(event_name: str) -> tuple[tuple[Function, CancelOn], ...]:
 
 
 _with_cancel_on: tuple[Function, ...] = ()
+_folding: frozenset[str] = frozenset()
+_controlled: frozenset[str] = frozenset()
+_limited: frozenset[str] = frozenset()
+
+
+def controls_start() -> bool:
+    """Whether any function has flow control at claim time (else no claim asks ``flow``)."""
+    return bool(_controlled)
+
+
+def has_concurrency(function_id: str) -> bool:
+    """Whether the function ``function_id`` has a concurrency limit (its attempts hold slots)."""
+    return function_id in _limited
+
+
+def has_cancellers() -> bool:
+    """Whether any function has ``cancel_on`` (else a send looks for no runs to cancel)."""
+    return bool(_with_cancel_on)
+
+
+def folding_ids() -> frozenset[str]:
+    """The ids of the functions with ``debounce`` or ``batch``: their runs are folded after insert."""
+    return _folding
 
 
 def get_function(function_id: str) -> Function | None:

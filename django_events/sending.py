@@ -13,18 +13,19 @@ from typing import Any
 from django.db import router, transaction
 from django.utils import timezone
 
-from . import dispatch, ledger
+from . import clock, dispatch, flow, ledger, registry
 from .conf import get_settings
 from .exceptions import EventValidationError
-from .models import Event, Run
+from .models import Event, Run, RunStatus
 from .names import MAX_NAME_LENGTH, validate_event_name
+from .options import seconds
 from .text import has_nul_escape, has_unstorable, short_repr
 
 __all__ = ["send", "send_many"]
 
 logger = logging.getLogger("django_events")
 
-_ITEM_KEYS = frozenset({"name", "data", "id"})
+_ITEM_KEYS = frozenset({"name", "data", "id", "delay", "run_at"})
 
 
 @dataclass(frozen=True)
@@ -32,9 +33,17 @@ class _Outgoing:
     name: str
     data: dict[str, Any]
     key: str | None
+    due: dt.datetime | None = None
 
 
-def send(name: str, data: Mapping[str, Any] | None = None, *, id: str | None = None) -> Event:
+def send(
+    name: str,
+    data: Mapping[str, Any] | None = None,
+    *,
+    id: str | None = None,
+    delay: float | dt.timedelta | None = None,
+    run_at: dt.datetime | None = None,
+) -> Event:
     """Store an event and one run per subscribed function; enqueue the runs when the transaction commits.
 
     Args:
@@ -42,6 +51,9 @@ def send(name: str, data: Mapping[str, Any] | None = None, *, id: str | None = N
         data: a JSON object (a ``dict`` of JSON values); ``None`` stores ``{}``.
         id: an optional idempotency key. If an event with this key exists, it is
             returned and nothing new is stored or run.
+        delay: start the runs this many seconds (or this ``timedelta``) from now.
+            They exist at once, ``scheduled`` (visible, cancellable).
+        run_at: start the runs at this aware ``datetime`` instead (one in the past: now).
 
     Inside ``transaction.atomic()`` the event and its runs are written in the
     caller's transaction: if it rolls back, nothing is stored and nothing runs.
@@ -53,7 +65,7 @@ def send(name: str, data: Mapping[str, Any] | None = None, *, id: str | None = N
     Raises:
         EventValidationError: bad name, data or id; nothing was stored.
     """
-    return _store([_validate(name, data, id)])[0]
+    return _store([_validate(name, data, id, delay, run_at)])[0]
 
 
 def send_many(events: Iterable[Mapping[str, Any]]) -> list[Event]:
@@ -61,7 +73,8 @@ def send_many(events: Iterable[Mapping[str, Any]]) -> list[Event]:
 
     Args:
         events: mappings with the keys of :func:`send`'s arguments:
-            ``{"name": ..., "data": ..., "id": ...}`` (``data`` and ``id`` optional).
+            ``{"name": ..., "data": ..., "id": ..., "delay": ..., "run_at": ...}``
+            (all but ``name`` optional).
 
     Returns:
         The stored events, in the order given.
@@ -79,11 +92,16 @@ def send_many(events: Iterable[Mapping[str, Any]]) -> list[Event]:
         unknown = set(item) - _ITEM_KEYS
         if unknown or "name" not in item:
             raise EventValidationError(
-                f"Item {index} of send_many() must have a 'name' and may have 'data' and 'id'; "
+                f"Item {index} of send_many() must have a 'name' and may have 'data', 'id', 'delay' and "
+                "'run_at'; "
                 f"got the keys {sorted(map(str, item))}."
             )
         try:
-            outgoing.append(_validate(item["name"], item.get("data"), item.get("id")))
+            outgoing.append(
+                _validate(
+                    item["name"], item.get("data"), item.get("id"), item.get("delay"), item.get("run_at")
+                )
+            )
         except EventValidationError as exc:
             raise EventValidationError(f"Item {index} of send_many(): {exc}") from exc
     if not outgoing:
@@ -91,8 +109,33 @@ def send_many(events: Iterable[Mapping[str, Any]]) -> list[Event]:
     return _store(outgoing)
 
 
-def _validate(name: object, data: object, key: object) -> _Outgoing:
+def _due(delay: object, run_at: object) -> dt.datetime | None:
+    """When the runs of an event sent with ``delay`` or ``run_at`` start (``None``: now)."""
+    if delay is not None and run_at is not None:
+        raise EventValidationError("Pass delay= or run_at=, not both.")
+    if delay is not None:
+        try:
+            seconds_ = seconds(delay, "delay", minimum=0.0)
+        except TypeError as exc:
+            raise EventValidationError(str(exc)) from None
+        return clock.now() + dt.timedelta(seconds=seconds_) if seconds_ > 0 else None
+    if run_at is not None:
+        if not isinstance(run_at, dt.datetime):
+            raise EventValidationError(f"run_at must be a datetime, not {type(run_at).__name__}.")
+        if timezone.is_naive(run_at):
+            raise EventValidationError(
+                "run_at must be an aware datetime (with a time zone), such as "
+                "timezone.now() + timedelta(hours=1)."
+            )
+        return run_at
+    return None
+
+
+def _validate(
+    name: object, data: object, key: object, delay: object = None, run_at: object = None
+) -> _Outgoing:
     validate_event_name(name)
+    due = _due(delay, run_at)
     assert isinstance(name, str)
     if key is not None and (
         not isinstance(key, str)
@@ -142,7 +185,7 @@ def _validate(name: object, data: object, key: object) -> _Outgoing:
             f"Event data for {name!r} has keys that are the same once made strings, as JSON keys are: "
             f"{short_repr(exc.key)}."
         ) from None
-    return _Outgoing(name=name, data=stored, key=key)
+    return _Outgoing(name=name, data=stored, key=key, due=due)
 
 
 #: The deepest nesting of objects and arrays accepted in event data (the outer object is level 1).
@@ -191,7 +234,7 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _store(outgoing: list[_Outgoing]) -> list[Event]:
     using = router.db_for_write(Event)
-    now = timezone.now()
+    now = clock.now()
     # No savepoint inside the caller's transaction: what is written here commits or rolls back
     # with it anyway, and the input was validated before. A database error here leaves the
     # caller's transaction to roll back, as any failed query does on PostgreSQL.
@@ -201,6 +244,7 @@ def _store(outgoing: list[_Outgoing]) -> list[Event]:
         result: list[Event] = []
         unkeyed: list[Event] = []
         runs: list[Run] = []
+        has_cancellers, folding = registry.has_cancellers(), registry.folding_ids()
         for item in outgoing:
             if item.key is None:
                 event, is_new = _new_event(item, now), True
@@ -209,15 +253,36 @@ def _store(outgoing: list[_Outgoing]) -> list[Event]:
                 event, is_new = by_key[item.key]
                 by_key[item.key] = (event, False)  # a repeated id in one batch runs once
             if is_new:
-                runs.extend(ledger.new_runs(event, now))
+                if has_cancellers:
+                    flow.cancel_matching(event, using=using, now=now)
+                runs.extend(flow.route(event, now, item.due, using=using))
+                if item.key is not None and event.skipped_by:
+                    Event.objects.using(using).filter(pk=event.pk).update(skipped_by=event.skipped_by)
             result.append(event)
         ledger.insert(unkeyed, runs, using)  # one statement on PostgreSQL
-        # One event's runs (a fan-out) go in one message; send_many keeps one message per run,
-        # so that a bulk send does not hand its workers the enqueueing it saved.
-        dispatch.send_with_transaction(
-            [(run.pk, run.function) for run in runs], using, group=len(outgoing) == 1
-        )
+        folded = [run for run in runs if run.function in folding]
+        if folded:
+            folded_ids = {run.pk for run in folded}
+            runs = [run for run in runs if run.pk not in folded_ids]
+            runs += flow.after_insert(folded, using=using, now=now)
+        _send(runs, using, now, group=len(outgoing) == 1)
     return result
+
+
+def _send(runs: list[Run], using: str, now: dt.datetime, *, group: bool) -> None:
+    """Send the messages of new runs with the transaction: due now together, scheduled ones delayed."""
+    due_now: list[dispatch.RunRef] = []
+    later: dict[float, list[dispatch.RunRef]] = {}
+    for run in runs:
+        if run.status == RunStatus.PENDING:
+            due_now.append((run.pk, run.function))
+        elif run.status == RunStatus.SCHEDULED and run.due_at is not None:
+            later.setdefault((run.due_at - now).total_seconds(), []).append((run.pk, run.function))
+    # One event's runs (a fan-out) go in one message; send_many keeps one message per run,
+    # so that a bulk send does not hand its workers the enqueueing it saved.
+    dispatch.send_with_transaction(due_now, using, group=group)
+    for delay, refs in later.items():
+        dispatch.send_with_transaction(refs, using, delay=delay)
 
 
 def _new_event(item: _Outgoing, now: dt.datetime) -> Event:

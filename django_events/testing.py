@@ -13,70 +13,159 @@ Example (pytest-django)::
 The runs go through the same claim, call and record code as in a worker, so
 attempts, results, tracebacks and retry counts are stored exactly as in
 production. Function time limits are not enforced here.
+
+Flow control holds here too, on a clock the test controls: :func:`advance`
+moves django-events' time forward (in this process), and :func:`run_all` jumps
+it to each next due time instead of waiting, so delays, throttles, debounce and
+batch windows take no real time::
+
+    def test_a_delayed_reminder(db):
+        send("app/reminder", {"user": 1}, delay=3600)
+        assert run_due() == []            # not due yet
+        advance(3600)
+        assert [run.status for run in run_due()] == ["succeeded"]
+
+    def test_the_digest_batches_a_days_events(db):
+        for n in range(3):
+            send("app/activity", {"n": n})
+        runs = run_all(until=testing.now() + timedelta(days=1))   # the batch's timeout passes
+
+Reset the clock when a test ends (``reset_clock()`` in a fixture).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Sequence
 from typing import Any
 
-from django.utils import timezone
-
-from .execution import Execution, execute_run
+from . import clock
+from .execution import Execution, execute
 from .models import Run, RunStatus
 from .registry import lease_seconds
 
-__all__ = ["RunsDidNotSettle", "run_all", "run_due"]
+__all__ = ["RunsDidNotSettle", "advance", "now", "reset_clock", "run_all", "run_due"]
 
 
 class RunsDidNotSettle(AssertionError):
     """Raised by ``run_all`` when runs keep coming (a function that sends its own event, say)."""
 
 
-def run_due() -> list[Run]:
-    """Execute once every pending or retrying run whose due time has come.
+def now() -> dt.datetime:
+    """The time as django-events sees it in this process (the wall clock plus :func:`advance`)."""
+    return clock.now()
 
-    Returns the runs executed, reloaded from the database, oldest first.
-    Retries scheduled by these attempts are left for a later call.
+
+def advance(seconds: float | dt.timedelta) -> dt.datetime:
+    """Move django-events' clock forward (this process only); return the new time.
+
+    Delays, throttle turns, debounce and batch windows and retries then come due
+    without waiting: ``send(..., delay=60); advance(60); run_due()``. Call
+    :func:`reset_clock` when the test ends (a fixture is the place).
     """
-    due = Run.objects.due(timezone.now()).order_by("created_at", "id").values_list("pk", "function")
-    executed = [pk for pk, function in due if _execute(pk, function) is not Execution.SKIPPED]
-    return _reload(executed)
+    step = seconds if isinstance(seconds, dt.timedelta) else dt.timedelta(seconds=seconds)
+    if step < dt.timedelta(0):
+        raise ValueError("The clock only moves forward.")
+    clock.set_offset(clock.offset() + step)
+    return clock.now()
 
 
-def run_all(*, max_rounds: int = 100) -> list[Run]:
-    """Execute every pending and retrying run until all are final, skipping backoff delays.
+def reset_clock() -> None:
+    """Put django-events' clock back on the wall clock."""
+    clock.set_offset(dt.timedelta(0))
 
-    Retries run at once instead of after their delay, and runs created by the
-    functions themselves (events they send) are executed too.
+
+def _move_to(moment: dt.datetime) -> None:
+    ahead = moment - clock.now()
+    if ahead > dt.timedelta(0):
+        clock.set_offset(clock.offset() + ahead)
+
+
+def _due_order() -> Any:
+    return Run.objects.due(clock.now()).order_by("due_at", "-priority", "created_at", "id")
+
+
+def run_due(*, now: dt.datetime | None = None) -> list[Run]:
+    """Execute once every waiting run whose due time has come (at ``now``, if given, moving the clock there).
+
+    Flow control applies as in a worker: a run over its concurrency limit is held,
+    one before its throttle turn is throttled, and so on. Returns the runs
+    executed, reloaded from the database, in the order executed. Retries and runs
+    that come due meanwhile are left for a later call.
+    """
+    if now is not None:
+        _move_to(now)
+    executed: dict[Any, None] = {}
+    for pk, function in _due_order().values_list("pk", "function"):
+        outcome, ran = _execute(pk, function)
+        if outcome is not Execution.SKIPPED:
+            executed.setdefault(ran)
+    return _reload(list(executed))
+
+
+def run_all(*, max_rounds: int = 100, until: dt.datetime | None = None) -> list[Run]:
+    """Execute every due run, and every retry at once, until none is left; with ``until``, up to that time.
+
+    Retries run at once instead of after their backoff, and runs created by the
+    functions themselves (events they send) are executed too. Flow control holds
+    as in a worker, on django-events' clock (:func:`advance`): runs scheduled or
+    throttled for later are left waiting, unless ``until`` is given: then the
+    clock jumps to each next due time up to ``until`` (and stays at the last), so
+    delays, throttle turns, debounce and batch windows pass without waiting.
 
     Args:
-        max_rounds: give up after this many passes over the waiting runs.
+        max_rounds: give up after this many passes over the due runs.
+        until: move django-events' clock forward, up to this time, as runs come due.
 
     Returns:
         Every run executed, reloaded from the database, in the order first executed.
 
     Raises:
-        RunsDidNotSettle: runs were still waiting after ``max_rounds`` passes.
+        RunsDidNotSettle: runs were still due after ``max_rounds`` passes, or runs
+            are held for a concurrency slot that no running run will free.
     """
     executed: dict[Any, None] = {}
     for _ in range(max_rounds):
-        waiting = list(Run.objects.waiting().order_by("created_at", "id").values_list("pk", "function"))
-        if not waiting:
-            return _reload(list(executed))
-        for pk, function in waiting:
-            if _execute(pk, function, ignore_due=True) is not Execution.SKIPPED:
-                executed.setdefault(pk)
-    still = Run.objects.waiting().count()
-    raise RunsDidNotSettle(
-        f"{still} run(s) were still {RunStatus.PENDING} or retrying after {max_rounds} rounds."
-    )
+        due = list(_due_order().values_list("pk", "function"))
+        retries = list(
+            Run.objects.filter(status=RunStatus.RETRYING, due_at__gt=clock.now())
+            .order_by("due_at", "id")
+            .values_list("pk", "function")
+        )
+        if due or retries:
+            for pk, function in due:
+                _note(executed, _execute(pk, function))
+            for pk, function in retries:
+                _note(executed, _execute(pk, function, ignore_due=True))
+            continue
+        upcoming = Run.objects.waiting().order_by("due_at").values_list("due_at", flat=True).first()
+        if upcoming is not None and until is not None and upcoming <= until:
+            _move_to(upcoming)
+            continue
+        held = Run.objects.filter(status=RunStatus.HELD).count()
+        if held and not Run.objects.filter(status=RunStatus.RUNNING).exists():
+            raise RunsDidNotSettle(
+                f"{held} run(s) are held for a concurrency slot that no running run will free."
+            )
+        if until is not None:
+            _move_to(until)
+        return _reload(list(executed))
+    still = Run.objects.due(clock.now()).count() + Run.objects.filter(status=RunStatus.RETRYING).count()
+    raise RunsDidNotSettle(f"{still} run(s) were still due or retrying after {max_rounds} rounds.")
 
 
-def _execute(run_id: Any, function_id: str, *, ignore_due: bool = False) -> Execution:
-    """Execute a run as a worker would (the lease from its function), without sending retries."""
-    lease = lease_seconds(function_id)
-    return execute_run(run_id, ignore_due=ignore_due, enqueue=False, lease=lease)
+def _note(executed: dict[Any, None], outcome: tuple[Execution, Any]) -> None:
+    execution, run_id = outcome
+    if execution is not Execution.SKIPPED:
+        executed.setdefault(run_id)
+
+
+def _execute(run_id: Any, function_id: str, *, ignore_due: bool = False) -> tuple[Execution, Any]:
+    """Execute a run as a worker would (the lease from its function), without sending retries.
+
+    Returns what happened and the id of the run executed (another, with a priority).
+    """
+    return execute(run_id, enqueue=False, lease=lease_seconds(function_id), ignore_due=ignore_due)
 
 
 def _reload(ids: Sequence[Any]) -> list[Run]:

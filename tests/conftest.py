@@ -16,6 +16,7 @@ from dramatiq.middleware import AgeLimit, Callbacks, Retries, TimeLimit
 from django_events import ledger
 from django_events.apps import install_broker_middleware
 from django_events.conf import get_settings
+from django_events.testing import reset_clock
 
 
 def wait_for(predicate: Callable[[], Any], *, timeout: float = 30.0, interval: float = 0.05) -> Any:
@@ -88,6 +89,14 @@ def ledger_form(request: pytest.FixtureRequest) -> Iterator[str]:
     """
     with ledger.fast_statements(request.param == "fast"):
         yield request.param
+
+
+@pytest.fixture(autouse=True)
+def _wall_clock() -> Iterator[None]:
+    """Every test starts and ends on the wall clock, whatever ``django_events.testing.advance`` did."""
+    reset_clock()
+    yield
+    reset_clock()
 
 
 @pytest.fixture

@@ -184,3 +184,6 @@ def odd(ctx: Context) -> Any:
             value = [value]
         return value
     return ODD_RESULTS[kind]
+
+
+from . import flow_events  # noqa: E402, F401  (the flow-control test functions)

@@ -12,3 +12,17 @@ class Call(models.Model):
 
     def __str__(self) -> str:
         return f"{self.function} attempt {self.attempt} of run {self.run_id}"
+
+
+class Span(models.Model):
+    """When one attempt of a flow-control test function started and ended, and its key."""
+
+    function = models.CharField(max_length=100)
+    run_id = models.CharField(max_length=64)
+    key = models.CharField(max_length=100, blank=True)
+    started_at = models.DateTimeField()
+    ended_at = models.DateTimeField(null=True)
+    pid = models.PositiveIntegerField(default=0)
+
+    def __str__(self) -> str:
+        return f"{self.function} {self.key} {self.started_at}-{self.ended_at}"

@@ -1,0 +1,103 @@
+"""Functions with flow control, for the tests of issue 12; each records its attempts in ``Span`` rows."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import time
+from typing import Any
+
+from django.utils import timezone
+
+import django_events
+from django_events import Batch, CancelOn, Concurrency, Debounce, RateLimit, Throttle, Timeouts
+from django_events.registry import Context
+
+from .models import Call, Span
+
+
+def _span(ctx: Context, name: str) -> Any:
+    """Record the attempt's start, sleep ``data["sleep"]`` seconds, record its end."""
+    span = Span.objects.create(
+        function=name,
+        run_id=str(ctx.run_id),
+        key=str(ctx.event.data.get("k", "")),
+        started_at=timezone.now(),
+        pid=os.getpid(),
+    )
+    time.sleep(float(ctx.event.data.get("sleep", 0)))
+    Span.objects.filter(pk=span.pk).update(ended_at=timezone.now())
+    return ctx.event.data.get("n")
+
+
+@django_events.function(
+    "flow/limited", id="tests.flow_limited", concurrency=Concurrency(2, key="data.k"), retries=5
+)
+def limited(ctx: Context) -> Any:
+    return _span(ctx, "limited")
+
+
+@django_events.function(
+    "flow/limited-one", id="tests.flow_limited_one", concurrency=1, priority=lambda e: e.data.get("p", 0)
+)
+def limited_one(ctx: Context) -> Any:
+    return _span(ctx, "limited_one")
+
+
+@django_events.function("flow/unlimited", id="tests.flow_unlimited")
+def unlimited(ctx: Context) -> Any:
+    return _span(ctx, "unlimited")
+
+
+@django_events.function("flow/throttled", id="tests.flow_throttled", throttle=Throttle(2, 1.0, key="data.k"))
+def throttled(ctx: Context) -> Any:
+    return _span(ctx, "throttled")
+
+
+@django_events.function(
+    "flow/rate", id="tests.flow_rate", rate_limit=RateLimit(1, dt.timedelta(hours=4), key="data.company")
+)
+def rate(ctx: Context) -> Any:
+    return _span(ctx, "rate")
+
+
+@django_events.function(
+    "flow/debounced", id="tests.flow_debounced", debounce=Debounce(10, key="data.user", timeout=60)
+)
+def debounced(ctx: Context) -> Any:
+    return _span(ctx, "debounced")
+
+
+@django_events.function("flow/batched", id="tests.flow_batched", batch=Batch(3, 30, key="data.k"))
+def batched(ctx: Context) -> list[Any]:
+    _span(ctx, "batched")
+    return [event.data.get("n") for event in ctx.events]
+
+
+@django_events.function("flow/order.*", id="tests.flow_wildcard")
+def wildcard(ctx: Context) -> str:
+    Call.objects.create(
+        function="wildcard", run_id=str(ctx.run_id), attempt=ctx.attempt, event_name=ctx.event.name
+    )
+    return ctx.event.name
+
+
+@django_events.function(
+    "flow/filtered", id="tests.flow_filtered", if_=lambda event: bool(event.data.get("go"))
+)
+def filtered(ctx: Context) -> str:
+    return "went"
+
+
+@django_events.function(
+    "flow/reminder",
+    id="tests.flow_reminder",
+    cancel_on=CancelOn("flow/reminder.cancel", match="data.user"),
+)
+def reminder(ctx: Context) -> str:
+    return "reminded"
+
+
+@django_events.function("flow/start-timeout", id="tests.flow_start_timeout", timeouts=Timeouts(start=5))
+def start_timeout(ctx: Context) -> str:
+    return "started"

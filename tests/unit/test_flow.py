@@ -1,0 +1,428 @@
+"""Flow control in one process, on the clock the test controls: each feature's rule, and bad input."""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+
+import pytest
+from django.db import transaction
+
+import django_events
+from django_events import (
+    Batch,
+    CancelOn,
+    Concurrency,
+    Debounce,
+    EventValidationError,
+    RateLimit,
+    Throttle,
+    Timeouts,
+    registry,
+)
+from django_events.execution import execute_run
+from django_events.models import Event, FlowKey, Run, RunStatus, Slot
+from django_events.testing import advance, now, run_all, run_due
+from tests.testapp.models import Span
+
+pytestmark = pytest.mark.usefixtures("ledger_form")
+
+
+def _runs(function: str) -> list[Run]:
+    return list(Run.objects.filter(function=function).order_by("created_at", "id"))
+
+
+# -- delays ----------------------------------------------------------------------------------------
+
+
+def test_a_delayed_run_exists_at_once_as_scheduled_and_runs_at_its_time(db):
+    event = django_events.send("flow/unlimited", {"n": 1}, delay=60)
+    (run,) = _runs("tests.flow_unlimited")
+    assert run.event_id == event.pk
+    assert run.status == RunStatus.SCHEDULED
+    assert abs((run.due_at - now()).total_seconds() - 60) < 5
+
+    assert run_due() == []  # not due yet
+    advance(61)
+    assert [r.status for r in run_due()] == [RunStatus.SUCCEEDED]
+
+
+def test_run_at_schedules_at_that_time_and_a_past_time_runs_now(db):
+    later = now() + dt.timedelta(hours=2)
+    django_events.send("flow/unlimited", {"n": 1}, run_at=later)
+    django_events.send("flow/unlimited", {"n": 2}, run_at=now() - dt.timedelta(hours=1))
+    first, second = _runs("tests.flow_unlimited")
+    assert (first.status, first.due_at) == (RunStatus.SCHEDULED, later)
+    assert second.status == RunStatus.PENDING
+
+
+def test_a_scheduled_run_can_be_cancelled_and_then_never_runs(db):
+    django_events.send("flow/unlimited", delay=30)
+    (run,) = _runs("tests.flow_unlimited")
+    from django_events.control import cancel_runs
+
+    cancel_runs([run.pk])
+    advance(31)
+    assert run_due() == []
+    run.refresh_from_db()
+    assert run.status == RunStatus.CANCELLED
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"delay": -1}, "delay must be from 0"),
+        ({"delay": float("nan")}, "delay must be from 0"),
+        ({"delay": "10"}, "delay must be a number"),
+        ({"delay": True}, "delay must be a number"),
+        ({"run_at": dt.datetime(2030, 1, 1)}, "aware datetime"),
+        ({"run_at": "2030-01-01"}, "run_at must be a datetime"),
+        ({"delay": 5, "run_at": dt.datetime(2030, 1, 1, tzinfo=dt.UTC)}, "not both"),
+    ],
+)
+def test_bad_delays_are_refused_and_nothing_is_stored(db, kwargs, message):
+    with pytest.raises(EventValidationError, match=message):
+        django_events.send("flow/unlimited", **kwargs)
+    assert not Event.objects.exists()
+
+
+# -- wildcards and filters -------------------------------------------------------------------------
+
+
+def test_a_wildcard_trigger_takes_every_name_under_it_and_not_the_prefix_itself(db):
+    for name in ("flow/order.created", "flow/order.item.added", "flow/order", "flow/orders.created"):
+        django_events.send(name)
+    assert sorted(
+        Run.objects.filter(function="tests.flow_wildcard").values_list("event_name", flat=True)
+    ) == [
+        "flow/order.created",
+        "flow/order.item.added",
+    ]
+
+
+def test_a_filter_that_refuses_gives_no_run_and_the_event_says_which_function(db):
+    refused = django_events.send("flow/filtered", {"go": False})
+    taken = django_events.send("flow/filtered", {"go": True})
+    assert not Run.objects.filter(event=refused).exists()
+    assert Event.objects.get(pk=refused.pk).skipped_by == {"tests.flow_filtered": "if_ returned False"}
+    assert Run.objects.filter(event=taken, function="tests.flow_filtered").count() == 1
+    assert Event.objects.get(pk=taken.pk).skipped_by == {}
+
+
+def test_a_filter_that_raises_gives_no_run_and_says_what_it_raised(db):
+    @django_events.function(
+        "flow/raising-filter", id="tests.raising_filter", if_=lambda event: event.data["x"]
+    )
+    def raising(ctx):  # pragma: no cover - never runs
+        return None
+
+    try:
+        event = django_events.send("flow/raising-filter", {})
+    finally:
+        registry.unregister("tests.raising_filter")
+    assert not Run.objects.filter(event=event).exists()
+    assert Event.objects.get(pk=event.pk).skipped_by == {"tests.raising_filter": "if_ raised KeyError: 'x'"}
+
+
+# -- concurrency -----------------------------------------------------------------------------------
+
+
+def test_a_run_over_the_concurrency_limit_is_held_without_using_an_attempt_and_starts_when_a_slot_frees(db):
+    # Given two runs of key "a" running (their claims hold the two slots)
+    for n in range(3):
+        django_events.send("flow/limited", {"k": "a", "n": n})
+    first, second, third = _runs("tests.flow_limited")
+    from django_events import flow
+
+    spec = registry.get_function("tests.flow_limited")
+    t = now()
+    lease = t + dt.timedelta(seconds=60)
+    assert flow.claim(first.pk, spec, using="default", now=t, lease_until=lease) is not flow.HELD_BACK
+    assert flow.claim(second.pk, spec, using="default", now=t, lease_until=lease) is not flow.HELD_BACK
+
+    # When the third is claimed
+    assert flow.claim(third.pk, spec, using="default", now=t, lease_until=lease) is flow.HELD_BACK
+
+    # Then it is held, with no attempt used, saying why
+    third.refresh_from_db()
+    assert third.status == RunStatus.HELD
+    assert third.attempts == 0
+    assert third.reason == "waiting for a concurrency slot (limit 2 for k a)"
+    assert Slot.objects.filter(flow_key=third.held_on).count() == 2
+
+
+def test_held_runs_run_in_priority_then_arrival_order_as_slots_free(db):
+    for n, p in enumerate([0, 5, 1, 5]):
+        django_events.send("flow/limited-one", {"n": n, "p": p})
+    runs = run_all()
+    order = [r.event.data["n"] for r in sorted(runs, key=lambda r: r.started_at)]
+    # The first one runs at once; the others wait, and go highest priority first, then oldest
+    assert order == [1, 3, 2, 0]
+    assert all(r.status == RunStatus.SUCCEEDED and r.attempts == 1 for r in runs)
+
+
+def test_a_slot_held_by_a_dead_worker_comes_back_when_its_lease_ends(db):
+    django_events.send("flow/limited-one", {"n": 1})
+    django_events.send("flow/limited-one", {"n": 2})
+    first, second = _runs("tests.flow_limited_one")
+    from django_events import flow
+
+    spec = registry.get_function("tests.flow_limited_one")
+    t = now()
+    # A worker claims the first and dies: its slot counts until the lease ends
+    assert (
+        flow.claim(first.pk, spec, using="default", now=t, lease_until=t + dt.timedelta(seconds=30))
+        is not None
+    )
+    assert (
+        flow.claim(second.pk, spec, using="default", now=t, lease_until=t + dt.timedelta(seconds=30))
+        is flow.HELD_BACK
+    )
+    second.refresh_from_db()
+    assert second.status == RunStatus.HELD
+
+    # When the lease is over, recovery records the lost attempt and the slot goes to the held run
+    advance(31 + 60)
+    from django_events.recovery import recover
+
+    recover(now=now())
+    second.refresh_from_db()
+    assert second.status == RunStatus.PENDING
+    assert Slot.objects.filter(run_id=second.pk).count() == 1
+
+
+def test_each_concurrency_key_has_its_own_slots(db):
+    for key in ("a", "a", "a", "b", "b", "b"):
+        django_events.send("flow/limited", {"k": key})
+    from django_events import flow
+
+    spec = registry.get_function("tests.flow_limited")
+    t = now()
+    claimed = [
+        flow.claim(run.pk, spec, using="default", now=t, lease_until=t + dt.timedelta(seconds=60))
+        for run in _runs("tests.flow_limited")
+    ]
+    assert [isinstance(c, Run) for c in claimed] == [True, True, False, True, True, False]
+
+
+# -- throttle --------------------------------------------------------------------------------------
+
+
+def test_throttled_runs_wait_their_turn_and_none_is_dropped(db):
+    # Throttle(2, 1.0): one start every half second per key
+    for n in range(4):
+        django_events.send("flow/throttled", {"k": "a", "n": n})
+    first_pass = run_due()
+    assert [r.status for r in first_pass] == [RunStatus.SUCCEEDED]
+    waiting = Run.objects.filter(function="tests.flow_throttled", status=RunStatus.THROTTLED)
+    assert waiting.count() == 3
+    assert all(r.reason.startswith("throttled until ") for r in waiting)
+    turns = sorted(r.due_at for r in waiting)
+    assert [round((b - a).total_seconds(), 3) for a, b in itertools.pairwise(turns)] == [0.5, 0.5]
+
+    runs = run_all(until=now() + dt.timedelta(seconds=5))
+    assert len([r for r in runs if r.status == RunStatus.SUCCEEDED]) == 3
+    spans = sorted(Span.objects.filter(function="throttled").values_list("started_at", flat=True))
+    assert len(spans) == 4
+
+
+# -- rate limit ------------------------------------------------------------------------------------
+
+
+def test_events_over_the_rate_limit_are_skipped_and_say_so(db):
+    for company in (7, 7, 8):
+        django_events.send("flow/rate", {"company": company})
+    statuses = [(r.status, r.reason) for r in _runs("tests.flow_rate")]
+    assert statuses == [
+        (RunStatus.PENDING, ""),
+        (RunStatus.SKIPPED, "skipped: rate limit 1 per 4 h for company 7"),
+        (RunStatus.PENDING, ""),
+    ]
+    advance(4 * 3600)
+    django_events.send("flow/rate", {"company": 7})
+    assert _runs("tests.flow_rate")[-1].status == RunStatus.PENDING
+
+
+def test_a_rate_limit_rolled_back_with_the_sender_counts_nothing(db):
+    def rolled_back() -> None:
+        with transaction.atomic():
+            django_events.send("flow/rate", {"company": 9})
+            raise ZeroDivisionError
+
+    with pytest.raises(ZeroDivisionError):
+        rolled_back()
+    django_events.send("flow/rate", {"company": 9})
+    assert [r.status for r in _runs("tests.flow_rate")] == [RunStatus.PENDING]
+
+
+# -- debounce --------------------------------------------------------------------------------------
+
+
+def test_debounce_runs_once_with_the_last_event_and_the_others_say_into_which_run(db):
+    for n in range(3):
+        django_events.send("flow/debounced", {"user": 1, "n": n})
+        advance(2)
+    django_events.send("flow/debounced", {"user": 2, "n": 9})
+    runs = _runs("tests.flow_debounced")
+    last_for_1 = runs[2]
+    assert [r.status for r in runs] == [
+        RunStatus.SKIPPED,
+        RunStatus.SKIPPED,
+        RunStatus.SCHEDULED,
+        RunStatus.SCHEDULED,
+    ]
+    assert runs[0].reason == f"debounced into run {runs[1].pk}"
+    assert runs[1].merged_into == last_for_1.pk
+
+    assert run_all() == []  # the windows are open
+    executed = run_all(until=now() + dt.timedelta(seconds=10))
+    assert sorted(r.event.data["n"] for r in executed) == [2, 9]
+
+
+def test_debounce_timeout_bounds_how_long_new_events_put_the_run_off(db):
+    # Debounce(10, timeout=60): an event every 5 s for 2 minutes still runs by 60 s after the first
+    first_at = now()
+    for _ in range(24):
+        django_events.send("flow/debounced", {"user": 1})
+        run_due()
+        advance(5)
+    ran = Run.objects.filter(function="tests.flow_debounced", status=RunStatus.SUCCEEDED).order_by(
+        "started_at"
+    )
+    assert ran.exists()
+    assert ran.first().started_at <= first_at + dt.timedelta(seconds=65)
+
+
+# -- batch -----------------------------------------------------------------------------------------
+
+
+def test_a_batch_runs_once_full_with_every_event_in_order(db):
+    for n in range(3):
+        django_events.send("flow/batched", {"k": "x", "n": n})
+    runs = _runs("tests.flow_batched")
+    assert [r.status for r in runs] == [RunStatus.PENDING, RunStatus.SKIPPED, RunStatus.SKIPPED]
+    assert runs[1].reason == f"batched into run {runs[0].pk}"
+    (done,) = run_due()
+    assert done.result == [0, 1, 2]
+
+
+def test_a_batch_not_full_runs_at_its_timeout(db):
+    django_events.send("flow/batched", {"k": "y", "n": 1})
+    django_events.send("flow/batched", {"k": "y", "n": 2})
+    assert run_due() == []
+    advance(30)
+    (done,) = run_due()
+    assert done.result == [1, 2]
+    # A new event after the batch started opens a new batch
+    django_events.send("flow/batched", {"k": "y", "n": 3})
+    assert _runs("tests.flow_batched")[-1].status == RunStatus.SCHEDULED
+
+
+# -- cancel on event -------------------------------------------------------------------------------
+
+
+def test_a_matching_event_cancels_the_runs_not_started_and_records_which_event(db):
+    django_events.send("flow/reminder", {"user": 1}, delay=3600)
+    django_events.send("flow/reminder", {"user": 2}, delay=3600)
+    cancelling = django_events.send("flow/reminder.cancel", {"user": 1})
+    one, two = _runs("tests.flow_reminder")
+    assert one.status == RunStatus.CANCELLED
+    assert one.cancelled_by == cancelling.pk
+    assert one.reason == f"cancelled by event flow/reminder.cancel {cancelling.pk}"
+    assert two.status == RunStatus.SCHEDULED
+
+
+def test_a_cancel_rolled_back_with_the_sender_cancels_nothing(db):
+    django_events.send("flow/reminder", {"user": 1}, delay=3600)
+
+    def rolled_back() -> None:
+        with transaction.atomic():
+            django_events.send("flow/reminder.cancel", {"user": 1})
+            raise ZeroDivisionError
+
+    with pytest.raises(ZeroDivisionError):
+        rolled_back()
+    assert _runs("tests.flow_reminder")[0].status == RunStatus.SCHEDULED
+
+
+def test_cancel_on_without_match_or_if_is_refused_at_startup_unless_all_runs():
+    with pytest.raises(TypeError, match="all_runs=True"):
+        CancelOn("app/stop")
+    assert CancelOn("app/stop", all_runs=True).all_runs
+
+
+# -- timeouts --------------------------------------------------------------------------------------
+
+
+def test_a_run_not_started_within_its_start_timeout_is_cancelled_saying_why(db):
+    django_events.send("flow/start-timeout")
+    advance(6)
+    assert run_due() == []
+    (run,) = _runs("tests.flow_start_timeout")
+    assert run.status == RunStatus.CANCELLED
+    assert run.reason == "cancelled: not started within 5 s (Timeouts.start)"
+
+
+# -- startup checks --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"concurrency": 0}, "Concurrency.limit must be an int from 1"),
+        ({"concurrency": "2"}, "concurrency must be an int"),
+        ({"throttle": Throttle}, "throttle must be a Throttle"),
+        ({"cron": "61 * * * *"}, "'tests.bad': the cron expression .* does not parse"),
+        ({"timezone": "Mars/Olympus"}, "not a known IANA time zone"),
+        ({"priority": 10**7}, "priority must be an int"),
+        ({"debounce": Debounce(1), "batch": Batch(2, 1)}, "both debounce= and batch="),
+        ({"catch_up": "some"}, "catch_up must be"),
+    ],
+)
+def test_bad_flow_options_fail_at_startup_naming_what_is_wrong(kwargs, message):
+    with pytest.raises(TypeError, match=message):
+        django_events.function("flow/x", id="tests.bad", **kwargs)(lambda ctx: None)
+    assert registry.get_function("tests.bad") is None
+
+
+@pytest.mark.parametrize(
+    ("factory", "message"),
+    [
+        (lambda: Throttle(1, 0), "Throttle.period must be from"),
+        (lambda: RateLimit(1, dt.timedelta(days=-1)), "RateLimit.period must be from"),
+        (lambda: Concurrency(2, key="user_id"), "dotted path into the event"),
+        (lambda: Batch(0, 5), "Batch.max_size"),
+        (lambda: Timeouts(start="5"), "Timeouts.start must be a number"),
+        (lambda: CancelOn("bad name", match="data.x"), "whitespace"),
+    ],
+)
+def test_bad_option_values_are_refused_when_made(factory, message):
+    with pytest.raises((TypeError, EventValidationError), match=message):
+        factory()
+
+
+def test_a_wildcard_inside_a_segment_is_refused():
+    with pytest.raises(EventValidationError, match="whole segment"):
+        django_events.function("app/user*", id="tests.bad")(lambda ctx: None)
+
+
+def test_flow_key_rows_are_made_once_per_function_policy_and_key(db):
+    for company in (1, 1, 2):
+        django_events.send("flow/rate", {"company": company})
+    assert sorted(FlowKey.objects.filter(function="tests.flow_rate").values_list("key", flat=True)) == [
+        "1",
+        "2",
+    ]
+
+
+def test_execute_run_of_a_held_run_does_nothing(db):
+    django_events.send("flow/limited-one", {"n": 1})
+    django_events.send("flow/limited-one", {"n": 2})
+    first, second = _runs("tests.flow_limited_one")
+    from django_events import flow
+
+    spec = registry.get_function("tests.flow_limited_one")
+    t = now()
+    flow.claim(first.pk, spec, using="default", now=t, lease_until=t + dt.timedelta(seconds=60))
+    flow.claim(second.pk, spec, using="default", now=t, lease_until=t + dt.timedelta(seconds=60))
+    assert execute_run(second.pk, enqueue=False).value == "skipped"
