@@ -27,7 +27,15 @@ from django.db import transaction
 from . import dispatch, ledger
 from .models import Event, FlowKey, Run, RunStatus
 from .options import Concurrency, KeySpec, as_seconds, describe_key, key_of
-from .registry import MAX_PRIORITY, Function, cancellers_for, functions_for, get_function, lease_seconds
+from .registry import (
+    MAX_PRIORITY,
+    Function,
+    cancellers_for,
+    functions_for,
+    get_function,
+    lease_seconds,
+    registered_functions,
+)
 
 __all__ = [
     "after_insert",
@@ -468,6 +476,42 @@ def _wake(keys: Sequence[str], function_id: str, *, using: str, now: dt.datetime
         free = limit.limit - ledger.live_slots(flow_key, using=using, now=now)
         woken += ledger.wake(flow_key, count=free, using=using, now=now, slot_until=slot_until)
     return woken
+
+
+def sweep(*, now: dt.datetime, limit: int, using: str) -> tuple[list[tuple[Any, str]], list[Any]]:
+    """Recovery's part of flow control: wake held runs a free slot waits for, end held runs timed out.
+
+    A slot is normally handed to the next held run by the attempt that gives it
+    back (:func:`release`); this finds the ones nobody handed over: a slot whose
+    lease ended (its worker died) or that a cancel gave back. Returns the runs
+    woken ``(id, function)`` and the ids of the held runs cancelled by their
+    ``Timeouts.start``.
+    """
+    woken: list[tuple[Any, str]] = []
+    held = Run.objects.using(using).filter(status=RunStatus.HELD)
+    for flow_key, function_id in held.values_list("held_on", "function").distinct()[:limit]:
+        with transaction.atomic(using=using):
+            found = _wake([flow_key], function_id, using=using, now=now)
+            dispatch.send_with_transaction(found, using)
+        woken += found
+    timed_out: list[Any] = []
+    for spec in registered_functions():
+        if spec.timeouts is None or spec.timeouts.start is None:
+            continue
+        start = as_seconds(spec.timeouts.start)
+        late = list(
+            held.filter(function=spec.id, created_at__lt=now - dt.timedelta(seconds=start)).values_list(
+                "pk", flat=True
+            )[:limit]
+        )
+        if late and ledger.cancel(
+            late,
+            using=using,
+            now=now,
+            reason=f"cancelled: not started within {describe_period(start)} (Timeouts.start)",
+        ):
+            timed_out += late
+    return woken, timed_out
 
 
 def _lock_by_id(keys: Sequence[str], *, using: str, now: dt.datetime) -> list[FlowKey]:

@@ -18,10 +18,14 @@ from django_events import (
     RateLimit,
     Throttle,
     Timeouts,
+    flow,
+    ledger,
     registry,
 )
-from django_events.execution import execute_run
+from django_events.control import cancel_runs
+from django_events.execution import execute_run, record
 from django_events.models import Event, FlowKey, Run, RunStatus, Slot
+from django_events.recovery import recover
 from django_events.testing import advance, now, run_all, run_due
 from tests.testapp.models import Span
 
@@ -59,7 +63,6 @@ def test_run_at_schedules_at_that_time_and_a_past_time_runs_now(db):
 def test_a_scheduled_run_can_be_cancelled_and_then_never_runs(db):
     django_events.send("flow/unlimited", delay=30)
     (run,) = _runs("tests.flow_unlimited")
-    from django_events.control import cancel_runs
 
     cancel_runs([run.pk])
     advance(31)
@@ -132,7 +135,6 @@ def test_a_run_over_the_concurrency_limit_is_held_without_using_an_attempt_and_s
     for n in range(3):
         django_events.send("flow/limited", {"k": "a", "n": n})
     first, second, third = _runs("tests.flow_limited")
-    from django_events import flow
 
     spec = registry.get_function("tests.flow_limited")
     t = now()
@@ -165,7 +167,6 @@ def test_a_slot_held_by_a_dead_worker_comes_back_when_its_lease_ends(db):
     django_events.send("flow/limited-one", {"n": 1})
     django_events.send("flow/limited-one", {"n": 2})
     first, second = _runs("tests.flow_limited_one")
-    from django_events import flow
 
     spec = registry.get_function("tests.flow_limited_one")
     t = now()
@@ -183,7 +184,6 @@ def test_a_slot_held_by_a_dead_worker_comes_back_when_its_lease_ends(db):
 
     # When the lease is over, recovery records the lost attempt and the slot goes to the held run
     advance(31 + 60)
-    from django_events.recovery import recover
 
     recover(now=now())
     second.refresh_from_db()
@@ -194,7 +194,6 @@ def test_a_slot_held_by_a_dead_worker_comes_back_when_its_lease_ends(db):
 def test_each_concurrency_key_has_its_own_slots(db):
     for key in ("a", "a", "a", "b", "b", "b"):
         django_events.send("flow/limited", {"k": key})
-    from django_events import flow
 
     spec = registry.get_function("tests.flow_limited")
     t = now()
@@ -419,10 +418,68 @@ def test_execute_run_of_a_held_run_does_nothing(db):
     django_events.send("flow/limited-one", {"n": 1})
     django_events.send("flow/limited-one", {"n": 2})
     first, second = _runs("tests.flow_limited_one")
-    from django_events import flow
 
     spec = registry.get_function("tests.flow_limited_one")
     t = now()
     flow.claim(first.pk, spec, using="default", now=t, lease_until=t + dt.timedelta(seconds=60))
     flow.claim(second.pk, spec, using="default", now=t, lease_until=t + dt.timedelta(seconds=60))
     assert execute_run(second.pk, enqueue=False).value == "skipped"
+
+
+def test_recovery_wakes_a_held_run_whose_slot_a_cancel_gave_back(db):
+    # Given a held run behind a woken run, whose kept slot is then given back by a cancel
+    for n in range(3):
+        django_events.send("flow/limited-one", {"n": n})
+    first, second, third = _runs("tests.flow_limited_one")
+    spec = registry.get_function("tests.flow_limited_one")
+    t = now()
+    lease = t + dt.timedelta(seconds=60)
+    assert isinstance(flow.claim(first.pk, spec, using="default", now=t, lease_until=lease), Run)
+    assert flow.claim(second.pk, spec, using="default", now=t, lease_until=lease) is flow.HELD_BACK
+    assert flow.claim(third.pk, spec, using="default", now=t, lease_until=lease) is flow.HELD_BACK
+
+    claimed = Run.objects.select_related("event").get(pk=first.pk)
+    record(claimed, 1, t, "ok", None, using="default")  # the slot goes to the second, which is woken
+    second.refresh_from_db()
+    assert second.status == RunStatus.PENDING
+    ledger.cancel([second.pk], using="default", now=now())  # its kept slot is given back, nobody woken
+    third.refresh_from_db()
+    assert third.status == RunStatus.HELD
+
+    # When recovery passes
+
+    report = recover(now=now())
+
+    # Then the held run is woken, with the slot
+    third.refresh_from_db()
+    assert third.status == RunStatus.PENDING
+    assert report.woken == [(third.pk, "tests.flow_limited_one")]
+    assert list(Slot.objects.values_list("run_id", flat=True)) == [third.pk]
+
+
+def test_a_held_run_past_its_start_timeout_is_cancelled_by_recovery(db):
+    @django_events.function(
+        "flow/held-timeout", id="tests.held_timeout", concurrency=1, timeouts=Timeouts(start=10)
+    )
+    def held_timeout(ctx):  # pragma: no cover - never runs
+        return None
+
+    try:
+        django_events.send("flow/held-timeout")
+        django_events.send("flow/held-timeout")
+        first, second = _runs("tests.held_timeout")
+        spec = registry.get_function("tests.held_timeout")
+        t = now()
+        flow.claim(first.pk, spec, using="default", now=t, lease_until=t + dt.timedelta(seconds=600))
+        assert flow.claim(second.pk, spec, using="default", now=t, lease_until=t) is flow.HELD_BACK
+
+        assert recover(now=now()).timed_out == []
+        advance(11)
+        assert recover(now=now()).timed_out == [second.pk]
+        second.refresh_from_db()
+        assert (second.status, second.reason) == (
+            RunStatus.CANCELLED,
+            "cancelled: not started within 10 s (Timeouts.start)",
+        )
+    finally:
+        registry.unregister("tests.held_timeout")
