@@ -17,7 +17,8 @@ run waits on, the run a debounced or batched run was merged into, the event that
 cancelled it, and, on a batch run, the runs merged into it. An event's page says
 which functions filtered it out (``Event.skipped_by``), or that none subscribed.
 The overview counts the waiting work per function and per key, from the partial
-indexes of the waiting states only, and each cron function's next tick.
+indexes of the waiting states only, and shows each cron function's next tick
+(``cron.next_ticks``).
 """
 
 from __future__ import annotations
@@ -50,10 +51,9 @@ from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext_lazy
 from dramatiq.errors import DecodeError
 
-from . import control
+from . import control, cron
 from .broker import read_message
 from .changelists import (
-    CRON_EVENT_NAME,
     CappedCountPaginator,
     ContainsText,
     EventChangeList,
@@ -79,7 +79,7 @@ from .models import (
     Slot,
     sources_of,
 )
-from .registry import Function, get_function, registered_functions
+from .registry import get_function
 from .text import has_unstorable
 
 __all__ = ["CappedCountPaginator", "EventAdmin", "QueuedMessageAdmin", "RunAdmin"]
@@ -441,38 +441,6 @@ def waiting_work(now: dt.datetime) -> dict[str, Any]:
     }
 
 
-@dataclass
-class CronSchedule:
-    """A cron function and its next tick, for the overview."""
-
-    function: Function
-    #: When its next tick run is due; ``None``: no tick is scheduled (no worker has run yet).
-    next_tick: dt.datetime | None
-
-    @property
-    def zone(self) -> str:
-        """The time zone its cron expressions are read in."""
-        return str(self.function.zone())
-
-
-def cron_schedule() -> list[CronSchedule]:
-    """Each registered cron function and when its next tick (a scheduled tick run) is due: one query."""
-    functions = sorted((spec for spec in registered_functions() if spec.cron), key=lambda spec: spec.id)
-    if not functions:
-        return []
-    next_ticks = dict(
-        Run.objects.filter(
-            function__in=[spec.id for spec in functions],
-            event_name=CRON_EVENT_NAME,
-            status=RunStatus.SCHEDULED,
-        )
-        .values_list("function")
-        .annotate(next_tick=Min("due_at"))
-        .order_by()
-    )
-    return [CronSchedule(spec, next_ticks.get(spec.id)) for spec in functions]
-
-
 @admin.register(Run)
 class RunAdmin(_ReadOnlyAdmin):
     list_display = [
@@ -772,8 +740,7 @@ class RunAdmin(_ReadOnlyAdmin):
             "cap": CappedCountPaginator.cap,
             "attention": [RunStatus.DEAD],
             "waiting": waiting_work(now),
-            "cron": cron_schedule(),
-            "cron_event_name": CRON_EVENT_NAME,
+            "cron": cron.next_ticks(now=now),
         }
         return TemplateResponse(request, "admin/django_events/overview.html", context)
 

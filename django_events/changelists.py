@@ -40,13 +40,13 @@ from django.utils.translation import gettext_lazy as _
 from dramatiq.common import q_name
 
 from .conf import get_settings
+from .cron import CRON_EVENT
 from .models import Run
 from .names import is_wildcard
 from .registry import registered_functions
 from .text import has_unstorable
 
 __all__ = [
-    "CRON_EVENT_NAME",
     "CappedCountPaginator",
     "ContainsText",
     "EventChangeList",
@@ -59,9 +59,6 @@ __all__ = [
     "search_values",
 ]
 
-
-#: The name of the tick events of cron functions (the runs of a cron function have it).
-CRON_EVENT_NAME = "django_events/cron"
 
 #: A JSON value :class:`HasMember` compares: text, a number, true, false or null.
 JSONScalar = str | int | float | bool | None
@@ -409,7 +406,7 @@ class EventNameFilter(RegistryChoicesFilter):
         functions = tuple(registered_functions())
         names = [name for function in functions for name in function.triggers if not is_wildcard(name)]
         if any(function.cron for function in functions):
-            names.append(CRON_EVENT_NAME)
+            names.append(CRON_EVENT)
         return names
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 import uuid
+import zoneinfo
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,8 +21,10 @@ from django.urls import reverse
 from django.utils import timezone
 
 import django_events
+from django_events import cron
 from django_events.admin import MERGED_SHOWN, TOP_KEYS
-from django_events.changelists import CRON_EVENT_NAME, CappedCountPaginator
+from django_events.changelists import CappedCountPaginator
+from django_events.cron import CRON_EVENT
 from django_events.ledger import flow_key_id
 from django_events.models import Event, FlowKey, Run, RunStatus, Slot
 from django_events.registry import unregister
@@ -157,7 +160,7 @@ def test_event_name_filter_offers_names_not_patterns_and_the_cron_tick(admin_cli
         if getattr(spec, "parameter_name", None) == "event_name"
     )
     offered = [value for value, _label in event_names.lookup_choices]
-    assert CRON_EVENT_NAME in offered
+    assert CRON_EVENT in offered
     assert not [value for value in offered if "*" in value]
 
 
@@ -588,29 +591,38 @@ def test_overview_says_when_nothing_waits(admin_client, db):
 # -- cron ------------------------------------------------------------------------------------------
 
 
-def test_overview_shows_each_cron_functions_next_tick(admin_client, db, cron_function):
-    # Given two scheduled ticks of the cron function (and a scheduled run of it for another event)
-    tick_event = _event(CRON_EVENT_NAME, data={})
-    first = timezone.now() + dt.timedelta(hours=2)
-    _run(RunStatus.SCHEDULED, function=cron_function, event=tick_event, due_at=first + dt.timedelta(days=7))
-    _run(RunStatus.SCHEDULED, function=cron_function, event=tick_event, due_at=first)
-    _run(RunStatus.SCHEDULED, function=cron_function, due_at=first - dt.timedelta(hours=1))
+def test_overview_shows_each_cron_functions_next_tick_and_its_run(admin_client, db, cron_function):
+    # Given a worker's pass made the cron function's next tick ahead of its time
+    (tick,) = [tick for tick in cron.schedule(now=timezone.now()) if tick.function == cron_function]
+    run = Run.objects.get(pk=tick.run_id)
+    assert (run.status, run.event_name) == (RunStatus.SCHEDULED, CRON_EVENT)
 
     # When the overview is opened
     response = admin_client.get(OVERVIEW)
 
-    # Then it shows the function's schedule, its zone and its next tick
-    (schedule,) = response.context["cron"]
-    assert (schedule.function.id, schedule.next_tick) == (cron_function, first)
+    # Then it shows the function's schedule, its zone, its next tick in that zone, and a link to the run
+    (item,) = [item for item in response.context["cron"] if item.function == cron_function]
+    assert item.at == run.due_at
+    assert item.run is not None
+    assert item.run.pk == run.pk
     page = response.content.decode()
     assert "<code>0 9 * * MON</code>, <code>30 17 * * FRI</code>" in page
     assert "Europe/Paris" in page
-    assert timezone.localtime(first).strftime("%Y-%m-%d %H:%M:%S") in page
+    paris = run.due_at.astimezone(zoneinfo.ZoneInfo("Europe/Paris"))
+    assert f"{paris:%Y-%m-%d %H:%M:%S} {paris.tzname()}" in page
+    assert f'<a href="{_run_url(run)}">scheduled</a>' in page
 
 
-def test_overview_says_when_no_tick_is_scheduled_yet(admin_client, db, cron_function):
-    page = _page(admin_client, OVERVIEW)
-    assert "none scheduled yet" in page
+def test_overview_says_when_a_next_tick_is_not_made_yet(admin_client, db, cron_function):
+    # Given no worker has made the cron function's ticks yet
+    # When the overview is opened
+    response = admin_client.get(OVERVIEW)
+
+    # Then its next time is shown, with no run yet
+    (item,) = [item for item in response.context["cron"] if item.function == cron_function]
+    assert item.at is not None
+    assert item.run is None
+    assert "not made yet: a worker makes it ahead of its time" in response.content.decode()
 
 
 def test_paginator_cap_bounds_the_held_count_on_a_runs_page(admin_client, db, monkeypatch):
