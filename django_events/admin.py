@@ -51,7 +51,7 @@ from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext_lazy
 from dramatiq.errors import DecodeError
 
-from . import control, cron
+from . import clock, control, cron
 from .broker import read_message
 from .changelists import (
     CappedCountPaginator,
@@ -308,7 +308,7 @@ def run_flow(run: Run, now: dt.datetime | None = None) -> RunFlow:
     cached: RunFlow | None = getattr(run, "_django_events_flow", None)
     if cached is not None:
         return cached
-    now = now or timezone.now()
+    now = now or clock.now()
     flow = RunFlow()
     if run.status in EXPLAINED:
         flow.reason = run.reason
@@ -694,7 +694,7 @@ class RunAdmin(_ReadOnlyAdmin):
         waiting work per function and key (flow control), and each cron function's next tick."""
         if not self.has_view_permission(request):
             raise PermissionDenied
-        now = timezone.now()
+        now = clock.now()
         windows = []
         for label, since in (
             (_("Last hour"), now - dt.timedelta(hours=1)),

@@ -21,7 +21,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 import django_events
-from django_events import cron
+from django_events import clock, cron
 from django_events.admin import MERGED_SHOWN, TOP_KEYS
 from django_events.changelists import CappedCountPaginator
 from django_events.cron import CRON_EVENT
@@ -633,3 +633,21 @@ def test_paginator_cap_bounds_the_held_count_on_a_runs_page(admin_client, db, mo
 
     # When one's page is opened, Then the count stops at the cap, and says so
     assert "more than 3 runs waiting" in _page(admin_client, _run_url(runs[0]))
+
+
+def test_slots_count_by_django_events_clock_as_the_workers_do(admin_client, db):
+    # Given a slot whose lease ends in a minute, and a test clock moved two minutes ahead
+    key = _key()
+    _slot(key, seconds=60)
+    held = _run(RunStatus.HELD, held_on=key.pk)
+    clock.set_offset(dt.timedelta(minutes=2))
+    try:
+        # When the overview and the held run's page are opened
+        waiting = admin_client.get(OVERVIEW).context["waiting"]
+        page = _page(admin_client, _run_url(held))
+    finally:
+        clock.set_offset(dt.timedelta(0))
+
+    # Then the slot no longer counts, as it no longer does for the workers
+    assert waiting["slot_keys"] == []
+    assert "0 slots in use" in page
