@@ -14,10 +14,7 @@ import django_events
 from django_events.registry import Context
 from tests.testapp.models import Call
 
-#: The function's id, and the name it writes in its ``Call`` rows.
-EVERY_SECOND, EVERY_SECOND_CALL = "tests.cron_every_second", "cron_every_second"
-#: The environment variable naming the file of the tick that blocks.
-BLOCK_ENV = "DJANGO_EVENTS_TEST_CRON_BLOCK"
+from . import BLOCK_ENV, EVERY_SECOND, EVERY_SECOND_CALL
 
 
 @django_events.function(

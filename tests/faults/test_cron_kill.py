@@ -22,7 +22,7 @@ from django.utils import timezone
 
 from django_events.cron import CRON_EVENT
 from django_events.models import Attempt, AttemptOutcome, Event, Run, RunStatus
-from tests.cronapp.events import BLOCK_ENV, EVERY_SECOND, EVERY_SECOND_CALL
+from tests.cronapp import BLOCK_ENV, EVERY_SECOND, EVERY_SECOND_CALL
 from tests.testapp.models import Call
 
 from .harness import RedisServer, Workers, child_pids, patience, report, wait_until, worker_env

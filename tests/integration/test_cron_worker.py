@@ -20,8 +20,9 @@ from django.db import connection
 from django_events import dispatch
 from django_events.cron import CRON_EVENT
 from django_events.models import Attempt, Event, Run, RunStatus
+from django_events.registry import get_function
 from tests.conftest import wait_for
-from tests.cronapp.events import EVERY_SECOND, EVERY_SECOND_CALL
+from tests.cronapp import EVERY_SECOND, EVERY_SECOND_CALL
 from tests.faults.harness import Workers, worker_env
 from tests.testapp.models import Call
 
@@ -55,7 +56,8 @@ def tick_time(event: Event) -> dt.datetime:
 
 
 def test_two_workers_fire_each_tick_of_an_every_second_function_once(cron_workers: Workers) -> None:
-    # Given two worker processes with a function every second (catch_up="all")
+    # Given two worker processes with a function every second (catch_up="all"), which only they know
+    assert get_function(EVERY_SECOND) is None
     cron_workers.start(2)
 
     # When they have run several ticks
