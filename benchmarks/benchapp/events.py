@@ -1,6 +1,11 @@
-"""The django-events functions the benchmarks run: no-ops, a fan-out of ten, and a latency probe."""
+"""The django-events functions the benchmarks run: no-ops, a fan-out of ten, and a latency probe.
+
+With ``BENCH_FLOW=1`` also the flow-control benchmarks' functions (``flow_events.py``).
+"""
 
 from __future__ import annotations
+
+import os
 
 import django_events
 from django_events import Context
@@ -27,3 +32,6 @@ def _fanout(ctx: Context) -> None:
 
 for _n in range(FANOUT):
     django_events.function("bench/fanout", id=f"bench.fanout_{_n}", retries=0)(_fanout)
+
+if os.environ.get("BENCH_FLOW") == "1":
+    from . import flow_events  # noqa: F401  (registers the flow-control benchmarks' functions)
