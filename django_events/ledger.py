@@ -52,7 +52,18 @@ from django.db.models import DateTimeField, F, Value
 from django.db.models.functions import Coalesce
 
 from . import rawsql
-from .models import TRANSITIONS, WAITING_STATUSES, Attempt, Event, FlowKey, Run, RunStatus, Slot, sources_of
+from .models import (
+    FINAL_STATUSES,
+    TRANSITIONS,
+    WAITING_STATUSES,
+    Attempt,
+    Event,
+    FlowKey,
+    Run,
+    RunStatus,
+    Slot,
+    sources_of,
+)
 from .registry import functions_for, lease_seconds, max_attempts_for, registered_functions
 
 __all__ = [
@@ -523,7 +534,9 @@ def keep_stale_attempt(attempt: Attempt, using: str) -> bool:
 
 
 def retry(run_ids: Iterable[Any], *, using: str, now: dt.datetime) -> list[tuple[Any, str]]:
-    """Move the runs that may go back to ``pending`` (dead, cancelled, succeeded) there, due now.
+    """Move the final runs (dead, cancelled, skipped, succeeded) back to ``pending``, due now.
+
+    Only final runs: a held or scheduled run is not jumped ahead of its limit or its time.
 
     Each gets a fresh allowance of attempts (its function's, or the default); its
     earlier attempts stay, and numbering goes on. Returns ``(run id, function id)``
@@ -536,7 +549,7 @@ def retry(run_ids: Iterable[Any], *, using: str, now: dt.datetime) -> list[tuple
         eligible = (
             Run.objects.using(using)
             .select_for_update()
-            .filter(pk__in=ids, status__in=sources_of(RunStatus.PENDING))
+            .filter(pk__in=ids, status__in=_RETRY_SOURCES)
             .values_list("pk", "function")
         )
         for pk, function_id in eligible:
@@ -549,8 +562,17 @@ def retry(run_ids: Iterable[Any], *, using: str, now: dt.datetime) -> list[tuple
                 finished_at=None,
                 lease_expires_at=None,
                 result=None,
+                reason="",
+                merged_into=None,
+                cancelled_by=None,
+                held_on="",
             )
     return [(pk, function_id) for function_id, pks in by_function.items() for pk in pks]
+
+
+#: What a retry by hand starts again: final runs (the moves to ``pending`` from other statuses are
+#: flow control's: a woken held run, a full batch).
+_RETRY_SOURCES = sorted(set(sources_of(RunStatus.PENDING)) & FINAL_STATUSES)
 
 
 def cancel(

@@ -81,6 +81,7 @@ import logging
 import random
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -89,7 +90,7 @@ from django.db import close_old_connections, connections, router, transaction
 from django.db.models import Count, F, Max, Q
 from django.utils import timezone
 
-from . import dispatch, ledger
+from . import clock, cron, dispatch, flow, ledger
 from .broker import DatabaseBroker
 from .conf import get_settings
 from .exceptions import WorkerLostError
@@ -126,6 +127,11 @@ class RecoveryReport:
     requeued: list[tuple[Any, str, str]] = field(default_factory=list)
     #: Running runs whose lease had expired: ``(run id, function, what became of it)``.
     lost: list[tuple[Any, str, str]] = field(default_factory=list)
+    #: Held runs woken because their concurrency key had a free slot nobody handed over (a slot
+    #: given back by a cancel, or whose lease ended): ``(run id, function)``.
+    woken: list[tuple[Any, str]] = field(default_factory=list)
+    #: Held runs cancelled because they waited past their ``Timeouts.start``.
+    timed_out: list[Any] = field(default_factory=list)
     #: How the pass told lost messages from queued ones, if it found overdue waiting runs:
     #: :data:`QUEUE_EMPTY`, :data:`OVERTAKEN`, :data:`COUNTED_MISSING` or :data:`NO_COUNT`
     #: (empty when none was overdue).
@@ -134,7 +140,7 @@ class RecoveryReport:
     @property
     def total(self) -> int:
         """How many runs the pass touched."""
-        return len(self.requeued) + len(self.lost)
+        return len(self.requeued) + len(self.lost) + len(self.woken) + len(self.timed_out)
 
 
 def recover(
@@ -148,18 +154,23 @@ def recover(
         limit: at most this many runs of each kind (default ``RECOVERY_BATCH``).
     """
     conf = get_settings()
-    now = now or timezone.now()
+    now = now or clock.now()
     limit = limit or conf.RECOVERY_BATCH
     using = router.db_for_write(Run)
     report = RecoveryReport()
     _requeue_waiting(report, dt.timedelta(seconds=conf.RECOVERY_GRACE), now, limit, using, dry_run)
     _recover_lost(report, now, limit, using, dry_run)
+    if not dry_run:
+        report.woken, report.timed_out = flow.sweep(now=now, limit=limit, using=using)
     if report.total and not dry_run:
         logger.warning(
-            "Recovery: re-enqueued %d overdue run(s)%s and took back %d run(s) whose worker died.",
+            "Recovery: re-enqueued %d overdue run(s)%s, took back %d run(s) whose worker died, woke %d "
+            "held run(s) and cancelled %d past their start timeout.",
             len(report.requeued),
             f" ({report.reason})" if report.requeued else "",
             len(report.lost),
+            len(report.woken),
+            len(report.timed_out),
         )
     return report
 
@@ -352,11 +363,27 @@ class RecoveryLoop:
 
     def _run(self) -> None:
         interval = get_settings().RECOVERY_INTERVAL or 0
-        # Start at a random point of the interval, so that workers started together spread out.
-        while not self._stop.wait(random.uniform(0.5, 1.0) * interval):
+        # Recovery starts at a random point of the interval, so that workers started together spread
+        # out. Cron ticks are made at once (a worker that boots makes the next ticks), then right
+        # after the earliest next tick is due (to make the one after it), at least every interval.
+        recover_at = time.monotonic() + random.uniform(0.5, 1.0) * interval
+        cron_at = time.monotonic()
+        while not self._stop.wait(max(0.0, min(recover_at, cron_at) - time.monotonic())):
             try:
                 close_old_connections()
-                recover()
+                if time.monotonic() >= cron_at:
+                    cron_at = time.monotonic() + interval
+                    try:
+                        due = cron.schedule_pass().next_due
+                    except Exception:
+                        logger.exception("Cron pass failed; trying again in %s s.", interval)
+                    else:
+                        if due is not None:
+                            wait = (due - clock.now()).total_seconds() + 0.05
+                            cron_at = time.monotonic() + min(interval, max(0.05, wait))
+                if time.monotonic() >= recover_at:
+                    recover_at = time.monotonic() + random.uniform(0.5, 1.0) * interval
+                    recover()
             except Exception:
                 logger.exception("Recovery pass failed; trying again in %s s.", interval)
             finally:

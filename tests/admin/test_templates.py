@@ -75,7 +75,7 @@ def test_an_event_with_no_run_says_so_on_the_list_and_on_its_page(admin_client, 
 
     # Then both say so
     assert '<td class="field-runs_summary">no function subscribed</td>' in listed
-    assert "No function subscribed to this event when it was sent." in page
+    assert "No function was subscribed to nobody/listens when it was sent." in page
 
 
 def test_a_run_not_yet_attempted_says_so(admin_client, db):
@@ -112,7 +112,11 @@ def test_every_attempt_outcome_has_a_labelled_badge(admin_client, dead):
     ("selected", "text", "level"),
     [
         ("dead", "1 run retried.", messages.SUCCESS),
-        ("pending", "0 runs retried; 1 skipped (not dead, cancelled or succeeded).", messages.WARNING),
+        (
+            "pending",
+            "0 runs retried; 1 skipped (not dead, cancelled, skipped or succeeded).",
+            messages.WARNING,
+        ),
     ],
 )
 def test_an_action_reports_done_and_skipped_as_success_or_warning(admin_client, dead, selected, text, level):
