@@ -76,11 +76,11 @@ from typing import Any
 from croniter import CroniterBadDateError, croniter
 from django.db import router, transaction
 
-from . import clock, dispatch, ledger
+from . import clock, dispatch, flow, ledger
 from .conf import get_settings
 from .models import Event, FlowKey, Run, RunStatus
 from .names import MAX_NAME_LENGTH
-from .registry import MAX_CATCH_UP, MAX_PRIORITY, Function, registered_functions
+from .registry import MAX_CATCH_UP, Function, registered_functions
 
 __all__ = [
     "CRON_EVENT",
@@ -300,7 +300,7 @@ def _fire(spec: Function, at: dt.datetime, now: dt.datetime, using: str) -> tupl
         status=RunStatus.PENDING if late else RunStatus.SCHEDULED,
         due_at=now if late else at,
         created_at=now,
-        priority=_priority(spec, stored),
+        priority=flow.priority_of(spec, stored),
         reason=(
             f"cron tick of {_when(at, zone)}, missed, fired late (catch_up={spec.catch_up!r})"
             if late
@@ -309,21 +309,6 @@ def _fire(spec: Function, at: dt.datetime, now: dt.datetime, using: str) -> tupl
     )
     ledger.insert([], [run], using)
     return run.pk, run
-
-
-def _priority(spec: Function, event: Event) -> int | None:
-    """The priority of a tick's run: ``spec.priority``, called on the tick if a callable."""
-    if spec.priority is None or not callable(spec.priority):
-        return spec.priority
-    try:
-        value = spec.priority(event)
-    except Exception:
-        logger.exception("The priority of %s raised for a cron tick; the run gets priority 0.", spec.id)
-        return 0
-    if isinstance(value, bool) or not isinstance(value, int):
-        logger.error("The priority of %s returned %r, not an int; the run gets priority 0.", spec.id, value)
-        return 0
-    return max(-MAX_PRIORITY, min(MAX_PRIORITY, value))
 
 
 # -- passes --------------------------------------------------------------------------------------

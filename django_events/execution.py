@@ -180,7 +180,8 @@ def execute(
         run.max_attempts,
     )
     result, failure = _call(run, attempt, log)
-    return record(run, attempt, now, result, failure, using=using, enqueue=enqueue), run.pk
+    started = run.attempt_started_at or now  # flow control may have waited for its locks
+    return record(run, attempt, started, result, failure, using=using, enqueue=enqueue), run.pk
 
 
 def _not_claimed(run_id: uuid.UUID, *, using: str, now: dt.datetime, ignore_due: bool, enqueue: bool) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 
 from django.db import transaction
 
-from . import dispatch, ledger
+from . import clock, dispatch, ledger
 from .models import Event, FlowKey, Run, RunStatus
 from .options import Concurrency, KeySpec, as_seconds, describe_key, key_of
 from .registry import (
@@ -104,7 +104,7 @@ def route(event: Event, now: dt.datetime, due: dt.datetime | None, *, using: str
             due_at=start,
             created_at=now,
             status=RunStatus.SCHEDULED if start > now else RunStatus.PENDING,
-            priority=_priority(spec, event),
+            priority=priority_of(spec, event),
         )
         if spec.rate_limit is not None:
             why = _over_rate_limit(spec, event, using=using, now=now)
@@ -150,7 +150,8 @@ def _filter(spec: Function, event: Event) -> str:
     return "" if taken else "if_ returned False"
 
 
-def _priority(spec: Function, event: Event) -> int | None:
+def priority_of(spec: Function, event: Event) -> int | None:
+    """The priority of ``spec``'s run for ``event``: its int, or its callable's (0 if that fails)."""
     if spec.priority is None:
         return None
     if not callable(spec.priority):
@@ -343,6 +344,9 @@ def claim(
         run = ledger.lock_claimable(run_id, using=using, now=now, ignore_due=ignore_due, best_of=best_of)
         if run is None:
             return None
+        # The time after the locks: a start is counted when it happens, not when its worker asked.
+        waited = max(clock.now() - now, dt.timedelta(0))
+        now, lease_until = now + waited, lease_until + waited
         expired = _timed_out(run, spec, now)
         if expired is not None:
             to, reason = expired
@@ -369,17 +373,9 @@ def claim(
                     )
                     return HELD_BACK
                 slots.append(flow_key)
-        if spec.throttle is not None and run.status != RunStatus.THROTTLED:
-            throttle = spec.throttle
-            key = _safe_key(throttle.key, run.event, "throttle", spec.id)
-            fk = ledger.lock_keys([(spec.id, "throttle", key)], using=using, now=now)[
-                ledger.flow_key_id(spec.id, "throttle", key)
-            ]
-            interval = dt.timedelta(seconds=throttle.interval)
-            tat = max(fk.tat or now, now)
-            turn = max(now, tat - interval * (throttle.burst - 1))
-            ledger.save_key(fk, using=using, tat=tat + interval)
-            if turn > now and not ignore_due:
+        if spec.throttle is not None and not ignore_due:
+            turn = _throttle_turn(run, spec, using=using, now=now)
+            if turn is not None:
                 _give_back(run, using=using, now=now)
                 ledger.hold_back(
                     run,
@@ -399,6 +395,38 @@ def claim(
         if slots:
             ledger.take_slots(claimed.pk, slots, using=using, until=lease_until)
         return claimed
+
+
+def _throttle_turn(run: Run, spec: Function, *, using: str, now: dt.datetime) -> dt.datetime | None:
+    """When ``run`` may start under its function's throttle (``None``: now, and the start is counted).
+
+    Two clocks per key, each a generic cell rate (a start uses ``period / limit``;
+    ``burst`` starts may come at once): ``FlowKey.opened_at`` counts the starts that
+    happened, and is what keeps the limit; ``FlowKey.tat`` hands out turns, one per
+    run that has to wait, so that waiting runs come back one interval apart in
+    arrival order instead of all at once. A throttled run that comes back at its
+    turn starts if the starts allow it; if it came back late, behind other late
+    runs, it is given the next turn.
+    """
+    throttle = spec.throttle
+    assert throttle is not None
+    key = _safe_key(throttle.key, run.event, "throttle", spec.id)
+    flow_key = ledger.lock_keys([(spec.id, "throttle", key)], using=using, now=now)[
+        ledger.flow_key_id(spec.id, "throttle", key)
+    ]
+    now = max(now, clock.now())  # after the key's lock: when this start would really be
+    interval = dt.timedelta(seconds=throttle.interval)
+    tolerance = interval * (throttle.burst - 1)
+    started = max(flow_key.opened_at or now, now)
+    if run.status != RunStatus.THROTTLED or started - tolerance > now:
+        # A turn: the run's own (a new run), or the next one (a run that came back too early).
+        turns = max(flow_key.tat or now, now)
+        turn = max(now, turns - tolerance, started - tolerance)
+        ledger.save_key(flow_key, using=using, tat=max(turns, turn) + interval)
+        if turn > now:
+            return turn
+    ledger.save_key(flow_key, using=using, opened_at=started + interval)
+    return None
 
 
 def _timed_out(run: Run, spec: Function, now: dt.datetime) -> tuple[str, str] | None:

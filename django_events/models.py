@@ -40,20 +40,28 @@ class RunStatus(models.TextChoices):
     """Final: never executed, by flow control (rate limit, debounce, batch); ``reason`` says why."""
 
 
-#: The state machine: for each status, the statuses a run may move to from it.
-#: Every conditional UPDATE that changes a run's status filters on this table.
 #: What flow control may do with a run about to start: make it wait its turn or for a slot, skip it,
 #: or end it (dead: not finished within its Timeouts.finish).
 _HELD_BACK = frozenset(
     {RunStatus.THROTTLED, RunStatus.HELD, RunStatus.SKIPPED, RunStatus.SCHEDULED, RunStatus.DEAD}
 )
 
+#: The state machine: for each status, the statuses a run may move to from it.
+#: Every conditional UPDATE that changes a run's status filters on this table.
 TRANSITIONS: dict[str, frozenset[str]] = {
     RunStatus.PENDING: frozenset({RunStatus.RUNNING, RunStatus.CANCELLED, *_HELD_BACK}),
     # -> PENDING: a batch that filled up starts at once.
     RunStatus.SCHEDULED: frozenset({RunStatus.RUNNING, RunStatus.CANCELLED, RunStatus.PENDING, *_HELD_BACK}),
+    # -> THROTTLED: a run that came back after its turn, behind other late runs, gets the next one.
     RunStatus.THROTTLED: frozenset(
-        {RunStatus.RUNNING, RunStatus.CANCELLED, RunStatus.HELD, RunStatus.SKIPPED}
+        {
+            RunStatus.RUNNING,
+            RunStatus.CANCELLED,
+            RunStatus.HELD,
+            RunStatus.SKIPPED,
+            RunStatus.DEAD,
+            RunStatus.THROTTLED,
+        }
     ),
     # A held run is woken (pending, a slot kept for it) when one frees.
     RunStatus.HELD: frozenset({RunStatus.PENDING, RunStatus.CANCELLED, RunStatus.SKIPPED, RunStatus.DEAD}),

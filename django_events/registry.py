@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import threading
 import zoneinfo
@@ -9,7 +10,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from croniter import croniter
+from croniter import CroniterBadDateError, croniter
 from django.conf import settings as django_settings
 
 from .conf import MAX_DURATION, MAX_RETRIES, get_settings
@@ -298,13 +299,6 @@ class _FlowOptions:
         if cron is not None and not crons:
             raise TypeError("cron= was given an empty list.")
         zone = kwargs["timezone"]
-        if zone is not None:
-            if not isinstance(zone, str):
-                raise TypeError(f"timezone must be an IANA zone name such as 'Europe/Paris', not {zone!r}.")
-            try:
-                zoneinfo.ZoneInfo(zone)
-            except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-                raise TypeError(f"timezone {zone!r} is not a known IANA time zone.") from None
         if kwargs["catch_up"] not in ("latest", "all", "none"):
             raise TypeError(f"catch_up must be 'latest', 'all' or 'none', not {kwargs['catch_up']!r}.")
         if kwargs["if_"] is not None and not callable(kwargs["if_"]):
@@ -372,9 +366,24 @@ class _FlowOptions:
         )
 
     def check_cron(self) -> None:
+        """Check the zone and the expressions (the errors are raised naming the function)."""
+        zone = zoneinfo.ZoneInfo("UTC")
+        if self.timezone is not None:
+            if not isinstance(self.timezone, str):
+                raise TypeError(
+                    f"timezone must be an IANA zone name such as 'Europe/Paris', not {self.timezone!r}."
+                )
+            try:
+                zone = zoneinfo.ZoneInfo(self.timezone)
+            except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+                raise TypeError(f"timezone {self.timezone!r} is not a known IANA time zone.") from None
         for expression in self.cron:
             if not croniter.is_valid(expression):
                 raise TypeError(f"the cron expression {expression!r} does not parse.")
+            try:
+                croniter(expression, dt.datetime(2000, 1, 1, tzinfo=zone)).get_next(dt.datetime)
+            except CroniterBadDateError:
+                raise TypeError(f"the cron expression {expression!r} names no time that exists.") from None
 
     def fields(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}

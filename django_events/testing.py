@@ -39,7 +39,7 @@ import datetime as dt
 from collections.abc import Sequence
 from typing import Any
 
-from . import clock
+from . import clock, cron
 from .execution import Execution, execute
 from .models import Run, RunStatus
 from .registry import lease_seconds
@@ -95,6 +95,7 @@ def run_due(*, now: dt.datetime | None = None) -> list[Run]:
     """
     if now is not None:
         _move_to(now)
+    cron.schedule(now=clock.now())
     executed: dict[Any, None] = {}
     for pk, function in _due_order().values_list("pk", "function"):
         outcome, ran = _execute(pk, function)
@@ -113,6 +114,9 @@ def run_all(*, max_rounds: int = 100, until: dt.datetime | None = None) -> list[
     clock jumps to each next due time up to ``until`` (and stays at the last), so
     delays, throttle turns, debounce and batch windows pass without waiting.
 
+    Cron functions get their ticks as in a worker: with ``until``, every tick up to
+    that time runs.
+
     Args:
         max_rounds: give up after this many passes over the due runs.
         until: move django-events' clock forward, up to this time, as runs come due.
@@ -126,6 +130,7 @@ def run_all(*, max_rounds: int = 100, until: dt.datetime | None = None) -> list[
     """
     executed: dict[Any, None] = {}
     for _ in range(max_rounds):
+        cron.schedule(now=clock.now())  # a cron function's ticks, as a worker makes them
         due = list(_due_order().values_list("pk", "function"))
         retries = list(
             Run.objects.filter(status=RunStatus.RETRYING, due_at__gt=clock.now())

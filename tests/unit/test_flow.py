@@ -225,6 +225,28 @@ def test_throttled_runs_wait_their_turn_and_none_is_dropped(db):
     assert len(spans) == 4
 
 
+def test_throttled_runs_that_come_back_late_do_not_start_together(db):
+    # Given three runs throttled to turns half a second apart
+    for n in range(4):
+        django_events.send("flow/throttled", {"k": "late", "n": n})
+    assert len(run_due()) == 1
+
+    # When their messages all come back long after their turns (a busy or stopped worker)
+    advance(10)
+    started = run_due()
+
+    # Then one starts, and the others get new turns, one interval apart, after it
+    assert len(started) == 1
+    waiting = sorted(
+        Run.objects.filter(function="tests.flow_throttled", status=RunStatus.THROTTLED).values_list(
+            "due_at", flat=True
+        )
+    )
+    assert len(waiting) == 2
+    assert waiting[0] >= started[0].attempt_started_at + dt.timedelta(seconds=0.49)
+    assert (waiting[1] - waiting[0]).total_seconds() >= 0.49
+
+
 # -- rate limit ------------------------------------------------------------------------------------
 
 
