@@ -260,7 +260,8 @@ def _store(outgoing: list[_Outgoing]) -> list[Event]:
                     Event.objects.using(using).filter(pk=event.pk).update(skipped_by=event.skipped_by)
             result.append(event)
         ledger.insert(unkeyed, runs, using)  # one statement on PostgreSQL
-        folded = [run for run in runs if run.function in folding]
+        # (A run the rate limit skipped joins no window: its event does not run.)
+        folded = [run for run in runs if run.function in folding and run.status != RunStatus.SKIPPED]
         if folded:
             folded_ids = {run.pk for run in folded}
             runs = [run for run in runs if run.pk not in folded_ids]

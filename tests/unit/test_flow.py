@@ -505,3 +505,25 @@ def test_a_held_run_past_its_start_timeout_is_cancelled_by_recovery(db):
         )
     finally:
         registry.unregister("tests.held_timeout")
+
+
+def test_an_event_over_the_rate_limit_does_not_join_a_debounce_window(db):
+    @django_events.function(
+        "flow/both",
+        id="tests.rate_and_debounce",
+        rate_limit=RateLimit(1, 3600),
+        debounce=Debounce(10),
+    )
+    def both(ctx):
+        return ctx.event.data["n"]
+
+    try:
+        django_events.send("flow/both", {"n": 1})
+        django_events.send("flow/both", {"n": 2})  # over the rate limit: skipped, not the new last event
+        first, second = _runs("tests.rate_and_debounce")
+        assert (first.status, second.status) == (RunStatus.SCHEDULED, RunStatus.SKIPPED)
+        assert second.reason.startswith("skipped: rate limit")
+        (done,) = run_all(until=now() + dt.timedelta(seconds=11))
+        assert done.result == 1
+    finally:
+        registry.unregister("tests.rate_and_debounce")
