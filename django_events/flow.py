@@ -95,17 +95,7 @@ def route(event: Event, now: dt.datetime, due: dt.datetime | None, *, using: str
             if why:
                 skipped[spec.id] = why
                 continue
-        start = due if due is not None and due > now else now
-        run = Run(
-            event=event,
-            event_name=event.name,
-            function=spec.id,
-            max_attempts=spec.max_attempts(),
-            due_at=start,
-            created_at=now,
-            status=RunStatus.SCHEDULED if start > now else RunStatus.PENDING,
-            priority=priority_of(spec, event),
-        )
+        run = ledger.new_run(event, spec, now, due=due, priority=priority_of(spec, event))
         if spec.rate_limit is not None:
             why = _over_rate_limit(spec, event, using=using, now=now)
             if why:

@@ -64,7 +64,7 @@ from .models import (
     Slot,
     sources_of,
 )
-from .registry import functions_for, lease_seconds, max_attempts_for, registered_functions
+from .registry import Function, functions_for, lease_seconds, max_attempts_for, registered_functions
 
 __all__ = [
     "cancel",
@@ -80,6 +80,7 @@ __all__ = [
     "lock_keys",
     "lock_open",
     "merge",
+    "new_run",
     "new_runs",
     "record",
     "release_slots",
@@ -171,19 +172,31 @@ def save_key(flow_key: FlowKey, *, using: str, **changes: Any) -> None:
 # -- insert --------------------------------------------------------------------------------------
 
 
+def new_run(
+    event: Event,
+    spec: Function,
+    now: dt.datetime,
+    *,
+    due: dt.datetime | None = None,
+    priority: int | None = None,
+) -> Run:
+    """An unsaved run of ``spec`` for ``event``: ``pending`` due now, or ``scheduled`` at ``due`` if later."""
+    start = due if due is not None and due > now else now
+    return Run(
+        event=event,
+        event_name=event.name,
+        function=spec.id,
+        max_attempts=spec.max_attempts(),
+        due_at=start,
+        created_at=now,
+        status=RunStatus.SCHEDULED if start > now else RunStatus.PENDING,
+        priority=priority,
+    )
+
+
 def new_runs(event: Event, now: dt.datetime) -> list[Run]:
     """Unsaved pending runs of ``event``, due now, one per function subscribed to its name now."""
-    return [
-        Run(
-            event=event,
-            event_name=event.name,
-            function=spec.id,
-            max_attempts=spec.max_attempts(),
-            due_at=now,
-            created_at=now,
-        )
-        for spec in functions_for(event.name)
-    ]
+    return [new_run(event, spec, now) for spec in functions_for(event.name)]
 
 
 #: Rows per INSERT statement (SQLite allows 32,766 parameters per statement: 12 columns x 2,000).
