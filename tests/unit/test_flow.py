@@ -153,14 +153,49 @@ def test_a_run_over_the_concurrency_limit_is_held_without_using_an_attempt_and_s
     assert Slot.objects.filter(flow_key=third.held_on).count() == 2
 
 
-def test_held_runs_run_in_priority_then_arrival_order_as_slots_free(db):
+def test_a_message_runs_the_due_run_with_the_highest_priority_then_the_oldest(db):
+    # Given four due runs of a function with a priority (its messages are turns)
     for n, p in enumerate([0, 5, 1, 5]):
         django_events.send("flow/limited-one", {"n": n, "p": p})
+
+    # When their messages are taken one after another
     runs = run_all()
+
+    # Then the highest priority ran first, the older of equal priorities before the newer
     order = [r.event.data["n"] for r in sorted(runs, key=lambda r: r.started_at)]
-    # The first one runs at once; the others wait, and go highest priority first, then oldest
     assert order == [1, 3, 2, 0]
     assert all(r.status == RunStatus.SUCCEEDED and r.attempts == 1 for r in runs)
+
+
+def test_held_runs_are_woken_in_priority_then_arrival_order_as_slots_free(db):
+    # Given a run holding the only slot, and three runs held behind it
+    for n, p in enumerate([0, 1, 5, 5]):
+        django_events.send("flow/limited-one", {"n": n, "p": p})
+    runs = _runs("tests.flow_limited_one")
+    spec = registry.get_function("tests.flow_limited_one")
+    t = now()
+    lease = t + dt.timedelta(seconds=60)
+    assert isinstance(
+        flow.claim(runs[0].pk, spec, using="default", now=t, lease_until=lease, ignore_due=True), Run
+    )
+    for run in runs[1:]:
+        assert (
+            flow.claim(run.pk, spec, using="default", now=t, lease_until=lease, ignore_due=True)
+            is flow.HELD_BACK
+        )
+
+    # When each attempt ends, the one woken is executed
+    woken_order = []
+    running = Run.objects.select_related("event").get(pk=runs[0].pk)
+    for _ in range(3):
+        record(running, running.attempts, t, "ok", None, using="default")
+        (woken,) = Run.objects.filter(function="tests.flow_limited_one", status=RunStatus.PENDING)
+        woken_order.append(woken.event.data["n"])
+        running = flow.claim(woken.pk, spec, using="default", now=now(), lease_until=lease)
+        assert isinstance(running, Run)
+
+    # Then they were woken highest priority first, the older of equal priorities first
+    assert woken_order == [2, 3, 1]
 
 
 def test_a_slot_held_by_a_dead_worker_comes_back_when_its_lease_ends(db):
