@@ -33,6 +33,7 @@ from .registry import time_limit_ms_for
 
 __all__ = [
     "ACTOR_NAME",
+    "FUNCTION_OPTION",
     "GROUP_SIZE",
     "MAX_DELAY_SECONDS",
     "RunRef",
@@ -64,10 +65,18 @@ def _queue_name(broker: dramatiq.Broker) -> str:
         return get_settings().QUEUE_NAME
 
 
+#: The message option that names the function of the message's (first) run: the worker knows,
+#: before reading the run, whether flow control must admit it.
+FUNCTION_OPTION = "django_events_function"
+
+
 def _options(function_id: str) -> dict[str, Any]:
-    """The message options of a run of ``function_id``: its time limit, which Dramatiq enforces."""
+    """A run message's options: the time limit of ``function_id`` (which Dramatiq enforces), and its id."""
     time_limit = time_limit_ms_for(function_id)
-    return {} if time_limit is None else {"time_limit": time_limit}
+    options: dict[str, Any] = {FUNCTION_OPTION: function_id}
+    if time_limit is not None:
+        options["time_limit"] = time_limit
+    return options
 
 
 def _message(broker: dramatiq.Broker, run_ids: Sequence[Any], function_id: str) -> dramatiq.Message[Any]:

@@ -108,14 +108,24 @@ def backoff_delay(attempt: int) -> float:
 
 
 def execute_run(
-    run_id: Any, *, ignore_due: bool = False, enqueue: bool = True, lease: float | None = None
+    run_id: Any,
+    *,
+    ignore_due: bool = False,
+    enqueue: bool = True,
+    lease: float | None = None,
+    function_id: str | None = None,
 ) -> Execution:
     """Claim run ``run_id``, call its function and record how it ended: :func:`execute`'s first half."""
-    return execute(run_id, ignore_due=ignore_due, enqueue=enqueue, lease=lease)[0]
+    return execute(run_id, ignore_due=ignore_due, enqueue=enqueue, lease=lease, function_id=function_id)[0]
 
 
 def execute(
-    run_id: Any, *, ignore_due: bool = False, enqueue: bool = True, lease: float | None = None
+    run_id: Any,
+    *,
+    ignore_due: bool = False,
+    enqueue: bool = True,
+    lease: float | None = None,
+    function_id: str | None = None,
 ) -> tuple[Execution, Any]:
     """Claim run ``run_id``, call its function and record how it ended; return that and the run's id.
 
@@ -133,6 +143,9 @@ def execute(
             actor knows it from its message's time limit): then one statement claims
             the run and reads it with its event. Otherwise the run's function is
             read first and the lease comes from it.
+        function_id: the run's function, if known before reading it (the actor knows it
+            from its message): then a run of a function without flow control at claim
+            time is claimed in one statement even where other functions have some.
 
     A run that cannot be claimed (unknown, final, held by a live lease) is
     skipped, so duplicate deliveries of a message are harmless.
@@ -144,8 +157,8 @@ def execute(
         return Execution.SKIPPED, run_id
     using = router.db_for_write(Run)
     now = clock.now()
-    spec = None
-    if lease is None or controls_start():
+    spec = None if function_id is None else get_function(function_id)
+    if lease is None or (function_id is None and controls_start()):
         # The function decides the lease, and whether flow control must admit the run first.
         function_id = Run.objects.using(using).filter(pk=run_id).values_list("function", flat=True).first()
         if function_id is None:

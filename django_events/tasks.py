@@ -48,7 +48,8 @@ def _execute(*args: Any, **kwargs: Any) -> None:
     message = CurrentMessage.get_current_message()
     # (A time limit of 0 means Dramatiq's default to Dramatiq, as None does here.)
     lease = None if message is None else lease_for_time_limit(message.options.get("time_limit") or None)
-    execute_run(args[0], lease=lease)
+    function_id = None if message is None else message.options.get(dispatch.FUNCTION_OPTION)
+    execute_run(args[0], lease=lease, function_id=function_id if isinstance(function_id, str) else None)
 
 
 def _send_separately(run_ids: Sequence[Any]) -> None:

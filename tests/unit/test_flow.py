@@ -5,8 +5,10 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 
+import dramatiq
 import pytest
-from django.db import transaction
+from django.db import connection, transaction
+from django.test.utils import CaptureQueriesContext
 
 import django_events
 from django_events import (
@@ -18,6 +20,7 @@ from django_events import (
     RateLimit,
     Throttle,
     Timeouts,
+    dispatch,
     flow,
     ledger,
     registry,
@@ -562,3 +565,26 @@ def test_an_event_over_the_rate_limit_does_not_join_a_debounce_window(db):
         assert done.result == 1
     finally:
         registry.unregister("tests.rate_and_debounce")
+
+
+def test_a_message_that_names_its_function_spares_the_read_of_the_function(db):
+    # Given flow control on some functions (the test app has some), and two runs of one without
+    django_events.send("test/ok")
+    django_events.send("test/ok")
+    first, second = _runs("tests.ok")
+    assert registry.controls_start()
+
+    # When one is executed knowing its function (as the actor does, from the message's options)
+    # and the other not
+    with CaptureQueriesContext(connection) as knowing:
+        assert execute_run(first.pk, lease=60, function_id="tests.ok").value == "succeeded"
+    with CaptureQueriesContext(connection) as not_knowing:
+        assert execute_run(second.pk, lease=60).value == "succeeded"
+
+    # Then the first needed one statement less: no read of the run's function before its claim
+    assert len(knowing) == len(not_knowing) - 1
+
+
+def test_run_messages_name_their_function():
+    message = dispatch._message(dramatiq.get_broker(), ["r"], "tests.flow_limited")
+    assert message.options[dispatch.FUNCTION_OPTION] == "tests.flow_limited"
