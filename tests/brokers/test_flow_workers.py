@@ -8,21 +8,36 @@ times, under which the handler's span lies).
 
 Throttle tolerances (what the assertions allow, and why):
 
-* the claim times of one key's attempts are at least the interval apart, exactly: the
-  turn is computed and checked in the claim's transaction, on the claiming worker's clock
-  (all workers here share the machine's clock);
-* the handlers' own start times may be closer by up to :data:`HANDLER_SLACK`: a handler
-  starts a little after its claim (the event is loaded, the ``Span`` row inserted), and
-  that delay varies with the load of the machine;
-* a run starts at most :data:`LATE_SLACK` after its turn: the broker's delay precision
-  (a delayed Redis message is moved to the queue by a worker's consumer thread; a delayed
-  database-broker row becomes visible to the next poll) plus the wait for a free thread.
-  The figures measured are printed (``pytest -s``) and kept in ``var/faults/``.
+* of any two runs of a key, one's handler starts at least the interval after the other's
+  claim, exactly (but for :data:`CLOCK_SLACK`): each start the throttle counts lies between
+  the attempt's claim and its handler's start, and the counted starts are the interval apart
+  (burst 1). Every worker here reads the machine's one clock (microseconds); the
+  millisecond allows only for rounding;
+* the claims of one key's attempts (``Attempt.started_at``) are at least the interval
+  apart, but for :data:`CLOCK_SLACK`, if the claim's time is the start the throttle counted.
+  At 06d22e2 it is not (the claim's time is taken before the throttle key's lock, the start
+  counted after it): claims came up to 65 ms closer on PostgreSQL and 6 ms on SQLite, so
+  that check ends the test as an expected failure until the fix;
+* a handler starts inside its attempt, after its claim, so two handler starts of a key may
+  be closer than the interval by the first one's start-up after its claim (the claim's
+  commit, the event loaded, the ``Span`` row inserted): :data:`HANDLER_SLACK`, from the
+  ``claim_to_handler_s`` figures measured on this machine (2 CPUs, shared with other test
+  sessions): at most 0.19 s (p99 under 0.15 s) over 34 runs of the test on PostgreSQL and
+  SQLite with both brokers, and 0.55 s once in an earlier session on SQLite with Redis;
+  handler starts came at most 71 ms closer than the interval;
+* the last run of a key starts at most :data:`LATE_SLACK` after the last turn its key handed
+  out (``FlowKey.tat`` less one interval): the broker's delay precision (a delayed Redis
+  message is moved to the queue by a worker's consumer thread; a delayed database-broker row
+  becomes visible to the next poll) plus the wait for a free thread: measured up to 1.2 s
+  with Redis, 0.64 s with the database broker.
+
+The figures measured are printed (``pytest -s``) and kept in ``var/faults/``; the throttle's
+include the turns each key handed out (a run that comes back before the starts allow gets a
+new turn, so a key hands out more turns than it has runs) and how long each key took to drain.
 """
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import datetime as dt
 import itertools
@@ -44,7 +59,7 @@ from dramatiq.middleware import AgeLimit, Callbacks, Retries, TimeLimit
 
 import django_events
 from django_events.apps import install_broker_middleware
-from django_events.models import Attempt, Run, RunStatus, Slot
+from django_events.models import Attempt, FlowKey, Run, RunStatus, Slot
 from tests.faults.harness import RedisServer, Workers, chunks, report, wait_until, worker_env
 from tests.testapp.models import Span
 
@@ -61,10 +76,14 @@ CONCURRENCY_LIMIT = 2
 THROTTLE_KEYS, THROTTLE_PER_KEY = 20, 8
 #: ``tests.flow_throttled``: ``Throttle(2, 1.0, key="data.k")``: one start per 0.5 s per key, burst 1.
 THROTTLE_INTERVAL, THROTTLE_BURST = 0.5, 1
+#: How much closer than the interval two claims of a key may be (see the module docstring).
+CLOCK_SLACK = 0.001
 #: How much closer than the interval two handler starts of a key may be (see the module docstring).
-HANDLER_SLACK = 0.1
-#: How long after its turn a throttled run may start (see the module docstring).
+HANDLER_SLACK = 0.3
+#: How long after its key's last turn the last run of a key may start (see the module docstring).
 LATE_SLACK = 2.0
+CLAIM_WINDOW = THROTTLE_INTERVAL - CLOCK_SLACK
+HANDLER_WINDOW = THROTTLE_INTERVAL - HANDLER_SLACK
 
 WORKER_PROCESSES = 2
 
@@ -136,13 +155,6 @@ def most_at_once(intervals: Sequence[tuple[dt.datetime, dt.datetime]]) -> int:
         current += step
         most = max(most, current)
     return most
-
-
-def most_starts_within(starts: Sequence[dt.datetime], window: float) -> int:
-    """The most of ``starts`` that fall in any window ``[t, t + window)``."""
-    ordered = sorted(starts)
-    span = dt.timedelta(seconds=window)
-    return max((bisect.bisect_left(ordered, t + span) - i for i, t in enumerate(ordered)), default=0)
 
 
 def _by_key(rows: Sequence[tuple[str, Any]]) -> dict[str, list[Any]]:
@@ -267,12 +279,6 @@ def test_concurrency_never_exceeds_the_limit_per_key_over_1000_runs_across_50_ke
     )
 
 
-@pytest.mark.xfail(
-    reason="flow.claim starts a throttled run whenever its message comes after its turn, so runs "
-    "whose delayed messages come late start back to back (3-6 starts of a key within 0.5 s): "
-    "reported to the lead; remove this mark with the fix",
-    strict=False,
-)
 def test_throttle_starts_each_key_no_more_than_once_per_interval_and_drops_none(workers: Workers) -> None:
     # Given two worker processes of four threads, and a function throttled to 2 starts per second per key
     keys = [f"t{i}" for i in range(THROTTLE_KEYS)]
@@ -293,46 +299,107 @@ def test_throttle_starts_each_key_no_more_than_once_per_interval_and_drops_none(
     key_of = _check_every_run_once("tests.flow_throttled", "throttled", total)
     assert Counter(key_of.values()) == dict.fromkeys(keys, THROTTLE_PER_KEY)
 
-    # ...and, measured first (then asserted below): the claims of a key's attempts, the handlers'
-    # starts, how late each run started after its turn (the i-th claim of a key, all sent at once,
-    # is due at the first claim plus i intervals), and how long a handler takes to start after its claim
-    claimed_at = {
-        str(run_id): start
-        for run_id, start in Attempt.objects.filter(run__function="tests.flow_throttled").values_list(
-            "run_id", "started_at"
+    # ...and, measured first (then asserted below): each attempt's claim and end, its handler's
+    # start, the gaps between a key's claims and between its handlers' starts, and each key's last
+    # turn (``FlowKey.tat`` less one interval: the turns are handed out one interval apart)
+    attempts = {
+        str(run_id): (claim, end)
+        for run_id, claim, end in Attempt.objects.filter(run__function="tests.flow_throttled").values_list(
+            "run_id", "started_at", "finished_at"
         )
     }
-    claims = _by_key([(key_of[run_id], start) for run_id, start in claimed_at.items()])
     spans = list(Span.objects.filter(function="throttled").values_list("run_id", "key", "started_at"))
+    claims = _by_key([(key_of[run_id], claim) for run_id, (claim, _end) in attempts.items()])
     starts = _by_key([(key, start) for _run_id, key, start in spans])
-    late, gaps = [], []
-    for times in claims.values():
-        ordered = sorted(times)
-        late += [(at - ordered[0]).total_seconds() - i * THROTTLE_INTERVAL for i, at in enumerate(ordered)]
-        gaps += [(b - a).total_seconds() for a, b in itertools.pairwise(ordered)]
-    window = THROTTLE_INTERVAL - HANDLER_SLACK
-    claims_over = {k: m for k, s in claims.items() if (m := most_starts_within(s, THROTTLE_INTERVAL)) > 1}
-    starts_over = {k: m for k, s in starts.items() if (m := most_starts_within(s, window)) > THROTTLE_BURST}
+    interval = dt.timedelta(seconds=THROTTLE_INTERVAL)
+    last_turn = {
+        key: tat - interval
+        for key, tat in FlowKey.objects.filter(function="tests.flow_throttled", kind="throttle").values_list(
+            "key", "tat"
+        )
+    }
+    assert set(last_turn) == set(keys)
+    claim_gaps = _gaps(claims)
+    start_gaps = _gaps(starts)
+    claim_to_handler = [(start - attempts[run_id][0]).total_seconds() for run_id, _key, start in spans]
+    behind_last_turn = [(max(claims[key]) - last_turn[key]).total_seconds() for key in keys]
+    turns = [round((last_turn[key] - min(claims[key])) / interval) + 1 for key in keys]
     figures = {
         "runs": total,
         "keys": THROTTLE_KEYS,
         "seconds": round(took, 1),
         "ideal_seconds_per_key": (THROTTLE_PER_KEY - 1) * THROTTLE_INTERVAL,
-        "late_after_turn_s": _quantiles(late),
-        "gap_between_claims_s": _quantiles(gaps) | {"min": round(min(gaps), 4)},
-        "claim_to_handler_s": _quantiles([(start - claimed_at[r]).total_seconds() for r, _k, start in spans]),
-        "keys_with_claims_too_close": len(claims_over),
-        "most_claims_of_a_key_within_the_interval": max(claims_over.values(), default=1),
+        "first_to_last_claim_of_a_key_s": _quantiles(
+            [(max(times) - min(times)).total_seconds() for times in claims.values()]
+        ),
+        "gap_between_claims_s": _quantiles(claim_gaps) | {"min": round(min(claim_gaps), 4)},
+        "gap_between_handler_starts_s": _quantiles(start_gaps) | {"min": round(min(start_gaps), 4)},
+        "claim_to_handler_s": _quantiles(claim_to_handler),
+        "last_claim_after_its_turn_s": _quantiles(behind_last_turn)
+        | {"min": round(min(behind_last_turn), 4)},
+        "turns_handed_out_per_key": _quantiles(turns),
     }
     report(_scenario("flow_throttle"), figures)
 
-    # Then no more than `burst` claims of a key fell in any window shorter than the interval: exactly,
-    # the turn is decided with the claim's time...
-    assert claims_over == {}, (
-        f"more than {THROTTLE_BURST} claim(s) of a key within {THROTTLE_INTERVAL} s: {claims_over}; {figures}"
+    # Then each handler ran inside its attempt, after its claim...
+    outside = [
+        run_id for run_id, _key, start in spans if not attempts[run_id][0] <= start <= attempts[run_id][1]
+    ]
+    assert outside == [], f"handlers that started outside their attempt: {outside}"
+    # ...of any two runs of a key, one's handler started at least the interval after the other's
+    # claim (burst 1): the starts the throttle counted lie between each claim and its handler's
+    # start, and were the interval apart; this holds exactly, whatever the load...
+    together = {
+        key: pair
+        for key, runs in _by_key(
+            [(key, (attempts[run_id][0], start)) for run_id, key, start in spans]
+        ).items()
+        if (pair := _started_together(runs, interval))
+    }
+    assert together == {}, f"two runs of a key started within one interval (claim, start): {together}"
+    # ...so no two handler starts of a key came closer than the interval less a handler's start-up
+    # after its claim (HANDLER_SLACK, measured: see the module docstring)...
+    close_starts = {key: gap for key, times in starts.items() if (gap := _closest(times)) < HANDLER_WINDOW}
+    assert close_starts == {}, (
+        f"handler starts of a key under {HANDLER_WINDOW:.2f} s apart (closest, s): {close_starts}; {figures}"
     )
-    # ...nor of its handlers' starts, but for the handler's start-up...
-    assert starts_over == {}, f"more than {THROTTLE_BURST} handler start(s) of a key within {window} s"
-    # ...and each run started in its turn, within the broker's delay precision of it
-    assert min(late) >= 0
-    assert max(late) <= LATE_SLACK, f"a run started {max(late):.2f} s after its turn: {figures}"
+    # ...the last run of each key started at or after the last turn its key handed out, within the
+    # broker's delay precision of it...
+    assert min(behind_last_turn) >= -CLOCK_SLACK, figures
+    assert max(behind_last_turn) <= LATE_SLACK, f"a key's last run started late after its turn: {figures}"
+    # ...and no two claims of a key (``Attempt.started_at``) came closer than the interval: the claim's
+    # time should be the start the throttle counted, taken after the key's lock
+    close_claims = {key: gap for key, times in claims.items() if (gap := _closest(times)) < CLAIM_WINDOW}
+    if close_claims:
+        pytest.xfail(
+            "flow.claim records the attempt's start before the throttle key's lock, and _throttle_turn "
+            "counts the start after it, so claims are up to the lock's wait closer than the interval "
+            f"(reported to the lead with a patch; remove this with the fix): {close_claims}"
+        )
+
+
+def _started_together(
+    runs: Sequence[tuple[dt.datetime, dt.datetime]], interval: dt.timedelta
+) -> tuple[Any, Any] | None:
+    """Two ``(claim, handler start)`` of which neither started an ``interval`` or more after the
+    other's claim, less :data:`CLOCK_SLACK` (``None`` if there are none)."""
+    slack = dt.timedelta(seconds=CLOCK_SLACK)
+    for first, second in itertools.combinations(runs, 2):
+        if second[1] < first[0] + interval - slack and first[1] < second[0] + interval - slack:
+            return first, second
+    return None
+
+
+def _gaps(times_by_key: dict[str, list[dt.datetime]]) -> list[float]:
+    """The seconds between each two consecutive times of each key."""
+    return [
+        (later - earlier).total_seconds()
+        for times in times_by_key.values()
+        for earlier, later in itertools.pairwise(sorted(times))
+    ]
+
+
+def _closest(times: Sequence[dt.datetime]) -> float:
+    """The seconds between the two closest of ``times``."""
+    ordered = sorted(times)
+    return min((b - a).total_seconds() for a, b in itertools.pairwise(ordered))
