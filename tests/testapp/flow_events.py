@@ -101,3 +101,19 @@ def reminder(ctx: Context) -> str:
 @django_events.function("flow/start-timeout", id="tests.flow_start_timeout", timeouts=Timeouts(start=5))
 def start_timeout(ctx: Context) -> str:
     return "started"
+
+
+# Used by tests/faults/test_flow_kill.py: one attempt at a time per key, and a short time limit, so
+# that a slot of a killed worker (held until its lease ends: the time limit plus LEASE_MARGIN) comes
+# back within seconds.
+
+
+@django_events.function(
+    "faults/limited",
+    id="tests.faults_limited",
+    concurrency=Concurrency(1, key="data.k"),
+    retries=20,
+    time_limit=2,
+)
+def faults_limited(ctx: Context) -> Any:
+    return _span(ctx, "faults_limited")
