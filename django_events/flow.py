@@ -330,6 +330,7 @@ def claim(
     ``None`` if the run is not waiting or not due.
     """
     with transaction.atomic(using=using):
+        ledger.bound_lock_waits(using)
         best_of = spec.id if spec.priority is not None else None
         run = ledger.lock_claimable(run_id, using=using, now=now, ignore_due=ignore_due, best_of=best_of)
         if run is None:
@@ -364,7 +365,9 @@ def claim(
                     return HELD_BACK
                 slots.append(flow_key)
         if spec.throttle is not None and not ignore_due:
-            turn = _throttle_turn(run, spec, using=using, now=now)
+            turn, counted = _throttle_turn(run, spec, using=using, now=now)
+            # The claim's time is the one the throttle counted (after the key's lock).
+            now, lease_until = counted, lease_until + (counted - now)
             if turn is not None:
                 _give_back(run, using=using, now=now)
                 ledger.hold_back(
@@ -387,7 +390,9 @@ def claim(
         return claimed
 
 
-def _throttle_turn(run: Run, spec: Function, *, using: str, now: dt.datetime) -> dt.datetime | None:
+def _throttle_turn(
+    run: Run, spec: Function, *, using: str, now: dt.datetime
+) -> tuple[dt.datetime | None, dt.datetime]:
     """When ``run`` may start under its function's throttle (``None``: now, and the start is counted).
 
     Two clocks per key, each a generic cell rate (a start uses ``period / limit``;
@@ -408,15 +413,32 @@ def _throttle_turn(run: Run, spec: Function, *, using: str, now: dt.datetime) ->
     interval = dt.timedelta(seconds=throttle.interval)
     tolerance = interval * (throttle.burst - 1)
     started = max(flow_key.opened_at or now, now)
+    if run.status == RunStatus.THROTTLED and started - tolerance > now and _on_time(run, now, interval):
+        # Back at (or soon after) its turn, but an earlier start came late: it goes as soon as the
+        # starts allow, keeping its place. A run that came back later goes behind the turns
+        # handed out, so that runs back from a long outage do not all wait for the same moment.
+        return started - tolerance, now
     if run.status != RunStatus.THROTTLED or started - tolerance > now:
         # A turn: the run's own (a new run), or the next one (a run that came back too early).
         turns = max(flow_key.tat or now, now)
         turn = max(now, turns - tolerance, started - tolerance)
         ledger.save_key(flow_key, using=using, tat=max(turns, turn) + interval)
         if turn > now:
-            return turn
+            return turn, now
     ledger.save_key(flow_key, using=using, opened_at=started + interval)
-    return None
+    return None, now
+
+
+#: How many intervals after its turn a throttled run may come back and keep its place. Runs that
+#: keep their place can meet on one moment, at most about this many (their turns are an interval
+#: apart); later ones go behind the turns handed out. Four covers the delay of Redis's delayed
+#: messages at a half-second interval (up to 1.6 s measured in tests/brokers/test_flow_workers.py).
+ON_TIME_INTERVALS = 4
+
+
+def _on_time(run: Run, now: dt.datetime, interval: dt.timedelta) -> bool:
+    """Whether a throttled run came back soon enough after its turn to keep its place."""
+    return run.due_at is not None and now - run.due_at < interval * ON_TIME_INTERVALS
 
 
 def _timed_out(run: Run, spec: Function, now: dt.datetime) -> tuple[str, str] | None:
@@ -471,6 +493,8 @@ def release(run: Run, *, using: str, now: dt.datetime) -> list[tuple[Any, str]]:
     runs' messages in it (``dispatch.send_with_transaction``).
     """
     keys = ledger.release_slots(run.pk, using=using)
+    if keys:
+        ledger.bound_lock_waits(using)
     return _wake(keys, run.function, using=using, now=now)
 
 
@@ -509,6 +533,7 @@ def sweep(*, now: dt.datetime, limit: int, using: str) -> tuple[list[tuple[Any, 
     held = Run.objects.using(using).filter(status=RunStatus.HELD)
     for flow_key, function_id in held.values_list("held_on", "function").distinct()[:limit]:
         with transaction.atomic(using=using):
+            ledger.bound_lock_waits(using)
             found = _wake([flow_key], function_id, using=using, now=now)
             dispatch.send_with_transaction(found, using)
         woken += found

@@ -67,6 +67,7 @@ from .models import (
 from .registry import Function, functions_for, lease_seconds, max_attempts_for, registered_functions
 
 __all__ = [
+    "bound_lock_waits",
     "cancel",
     "claim",
     "fast_statements",
@@ -160,6 +161,24 @@ def lock_keys(keys: Iterable[tuple[str, str, str]], *, using: str, now: dt.datet
     for pk in sorted(wanted):
         FlowKey.objects.using(using).filter(pk=pk).update(updated_at=now)
     return FlowKey.objects.using(using).in_bulk(sorted(wanted))
+
+
+#: The longest a worker waits for a lock of flow control, in seconds (PostgreSQL). Such locks are
+#: held for milliseconds; a longer wait means a transaction whose client is gone (a host lost from
+#: the network keeps its locks until the server notices), and a worker thread must not wait on it
+#: for ever: the wait fails instead, and the message is retried later.
+LOCK_WAIT = 10.0
+
+
+def bound_lock_waits(using: str) -> None:
+    """Make the current transaction's lock waits fail after :data:`LOCK_WAIT` (PostgreSQL; no-op elsewhere).
+
+    For the workers' own transactions only: it holds until the transaction ends.
+    """
+    connection = connections[using]
+    if connection.vendor == "postgresql" and connection.in_atomic_block:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT set_config('lock_timeout', %s, true)", [f"{int(LOCK_WAIT * 1000)}ms"])
 
 
 def save_key(flow_key: FlowKey, *, using: str, **changes: Any) -> None:

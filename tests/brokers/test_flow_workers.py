@@ -370,12 +370,7 @@ def test_throttle_starts_each_key_no_more_than_once_per_interval_and_drops_none(
     # ...and no two claims of a key (``Attempt.started_at``) came closer than the interval: the claim's
     # time should be the start the throttle counted, taken after the key's lock
     close_claims = {key: gap for key, times in claims.items() if (gap := _closest(times)) < CLAIM_WINDOW}
-    if close_claims:
-        pytest.xfail(
-            "flow.claim records the attempt's start before the throttle key's lock, and _throttle_turn "
-            "counts the start after it, so claims are up to the lock's wait closer than the interval "
-            f"(reported to the lead with a patch; remove this with the fix): {close_claims}"
-        )
+    assert not close_claims, f"claims of a key closer than the interval: {close_claims}"
 
 
 def _started_together(

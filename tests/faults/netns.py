@@ -100,7 +100,15 @@ PREFIX = "djev"
 #: PostgreSQL settings of :func:`hosts_postgres`, as a server with clients on other hosts should have:
 #: it notices a lost client after 4 s of silence (TCP keepalives, not the system's two hours), so
 #: that a transaction which a host had open when it was lost does not hold its row locks until then.
-LOST_CLIENT_SETTINGS = ("tcp_keepalives_idle=1", "tcp_keepalives_interval=1", "tcp_keepalives_count=3")
+LOST_CLIENT_SETTINGS = (
+    "tcp_keepalives_idle=1",
+    "tcp_keepalives_interval=1",
+    "tcp_keepalives_count=3",
+    # Keepalives do not probe a connection with unacknowledged data: a host cut off just after the
+    # server answered it would keep its transaction (and its row locks) for TCP's retransmission
+    # time, minutes. This bounds that too.
+    "tcp_user_timeout=4000",
+)
 
 #: Serialises the choice of free address blocks between runs that set up hosts at the same time.
 _LOCK = Path(tempfile.gettempdir()) / "django-events-netns.lock"

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import time
 
 import dramatiq
 import pytest
-from django.db import connection, transaction
+from django.db import OperationalError, connection, transaction
 from django.test.utils import CaptureQueriesContext
 
 import django_events
@@ -283,6 +284,24 @@ def test_throttled_runs_that_come_back_late_do_not_start_together(db):
     assert len(waiting) == 2
     assert waiting[0] >= started[0].attempt_started_at + dt.timedelta(seconds=0.49)
     assert (waiting[1] - waiting[0]).total_seconds() >= 0.49
+
+
+def test_a_throttled_run_back_on_time_behind_a_late_start_keeps_its_place(db):
+    # Given runs throttled to turns t0 + 0.5 and t0 + 1.0 (one start every half second)
+    for n in range(3):
+        django_events.send("flow/throttled", {"k": "jitter", "n": n})
+    (first,) = run_due()
+    t0 = first.attempt_started_at
+    # ... and the second starts 0.2 s after its turn (a busy worker)
+    (second,) = run_due(now=t0 + dt.timedelta(seconds=0.7))
+    counted = second.attempt_started_at
+
+    # When the third comes back at its turn, before the starts allow it
+    assert run_due(now=t0 + dt.timedelta(seconds=1.0)) == []
+
+    # Then it waits only until they do (half a second after the late start), not behind new turns
+    third = Run.objects.get(function="tests.flow_throttled", status=RunStatus.THROTTLED)
+    assert abs((third.due_at - (counted + dt.timedelta(seconds=0.5))).total_seconds()) < 0.01
 
 
 # -- rate limit ------------------------------------------------------------------------------------
@@ -588,3 +607,37 @@ def test_a_message_that_names_its_function_spares_the_read_of_the_function(db):
 def test_run_messages_name_their_function():
     message = dispatch._message(dramatiq.get_broker(), ["r"], "tests.flow_limited")
     assert message.options[dispatch.FUNCTION_OPTION] == "tests.flow_limited"
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="lock_timeout is PostgreSQL's")
+def test_a_claim_does_not_wait_for_ever_on_a_key_a_lost_client_holds(transactional_db, monkeypatch):
+    # Given a key's row locked by a transaction whose client went silent (another connection here)
+    monkeypatch.setattr(ledger, "LOCK_WAIT", 0.3)
+    django_events.send("flow/limited-one", {"n": 1})
+    (run,) = _runs("tests.flow_limited_one")
+    spec = registry.get_function("tests.flow_limited_one")
+    key = ledger.flow_key_id(spec.id, "concurrency0", "")
+    other = connection.copy()
+    try:
+        other.connect()
+        other.set_autocommit(False)
+        with other.cursor() as cursor:
+            cursor.execute(
+                "INSERT INTO django_events_flowkey (id, function, kind, key, size, updated_at) "
+                "VALUES (%s, %s, 'concurrency0', '', 0, now())",
+                [key, spec.id],
+            )
+
+        # When a worker claims a run of that key
+        t = now()
+        started = time.monotonic()
+        with pytest.raises(OperationalError, match="lock timeout"):
+            flow.claim(run.pk, spec, using="default", now=t, lease_until=t + dt.timedelta(seconds=60))
+
+        # Then it gave up after the bound, and the run is still waiting for a later try
+        assert time.monotonic() - started < 5
+        run.refresh_from_db()
+        assert run.status == RunStatus.PENDING
+    finally:
+        other.rollback()
+        other.close()
