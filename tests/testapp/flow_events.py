@@ -10,7 +10,16 @@ from typing import Any
 from django.utils import timezone
 
 import django_events
-from django_events import Batch, CancelOn, Concurrency, Debounce, RateLimit, Throttle, Timeouts
+from django_events import (
+    Batch,
+    CancelOn,
+    Concurrency,
+    Debounce,
+    RateLimit,
+    RetryAfterError,
+    Throttle,
+    Timeouts,
+)
 from django_events.registry import Context
 
 from .models import Call, Span
@@ -103,6 +112,78 @@ def start_timeout(ctx: Context) -> str:
     return "started"
 
 
+# Used by tests/brokers/test_flow_features.py, through real workers: the same policies with
+# periods of seconds, so that each test waits for its windows in real time and stays short.
+
+
+@django_events.function(
+    "flow/rate-three", id="tests.flow_rate_three", rate_limit=RateLimit(3, 60, key="data.company")
+)
+def rate_three(ctx: Context) -> Any:
+    return _span(ctx, "rate_three")
+
+
+@django_events.function(
+    "flow/debounced-short", id="tests.flow_debounced_short", debounce=Debounce(1.5, key="data.user")
+)
+def debounced_short(ctx: Context) -> Any:
+    return _span(ctx, "debounced_short")
+
+
+@django_events.function(
+    "flow/debounced-capped",
+    id="tests.flow_debounced_capped",
+    debounce=Debounce(1.5, key="data.user", timeout=4),
+)
+def debounced_capped(ctx: Context) -> Any:
+    return _span(ctx, "debounced_capped")
+
+
+@django_events.function("flow/batched-short", id="tests.flow_batched_short", batch=Batch(3, 2, key="data.k"))
+def batched_short(ctx: Context) -> list[Any]:
+    _span(ctx, "batched_short")
+    return [event.data.get("n") for event in ctx.events]
+
+
+@django_events.function(
+    "flow/job",
+    id="tests.flow_job",
+    concurrency=1,
+    cancel_on=CancelOn("flow/job.stop", match="data.user"),
+)
+def job(ctx: Context) -> Any:
+    return _span(ctx, "job")
+
+
+@django_events.function(
+    "flow/held-start-timeout",
+    id="tests.flow_held_start_timeout",
+    concurrency=1,
+    timeouts=Timeouts(start=2),
+)
+def held_start_timeout(ctx: Context) -> Any:
+    return _span(ctx, "held_start_timeout")
+
+
+@django_events.function(
+    "flow/delayed-start-timeout",
+    id="tests.flow_delayed_start_timeout",
+    concurrency=1,
+    timeouts=Timeouts(start=4),
+)
+def delayed_start_timeout(ctx: Context) -> Any:
+    return _span(ctx, "delayed_start_timeout")
+
+
+@django_events.function(
+    "flow/finish-timeout", id="tests.flow_finish_timeout", retries=20, timeouts=Timeouts(finish=2)
+)
+def finish_timeout(ctx: Context) -> None:
+    """Fails every attempt after ``data["sleep"]`` seconds: only ``Timeouts.finish`` ends its retries."""
+    _span(ctx, "finish_timeout")
+    raise RuntimeError(f"deliberate failure on attempt {ctx.attempt}")
+
+
 # Used by tests/faults/test_flow_kill.py: one attempt at a time per key, and a short time limit, so
 # that a slot of a killed worker (held until its lease ends: the time limit plus LEASE_MARGIN) comes
 # back within seconds.
@@ -117,3 +198,19 @@ def start_timeout(ctx: Context) -> str:
 )
 def faults_limited(ctx: Context) -> Any:
     return _span(ctx, "faults_limited")
+
+
+@django_events.function(
+    "flow/finish-held",
+    id="tests.flow_finish_held",
+    retries=5,
+    concurrency=1,
+    timeouts=Timeouts(finish=1.5),
+)
+def finish_held(ctx: Context) -> Any:
+    """Sleeps ``data["sleep"]`` seconds and returns; with ``data["retry_after"]``, asks for a retry
+    that many seconds later instead."""
+    result = _span(ctx, "finish_held")
+    if "retry_after" in ctx.event.data:
+        raise RetryAfterError(ctx.event.data["retry_after"], "try again later")
+    return result
