@@ -36,6 +36,9 @@ from .harness import (
     worker_env,
 )
 
+# Its own PostgreSQL cluster: the same whatever the env's database (tox runs it in the PostgreSQL envs).
+pytestmark = pytest.mark.own_postgres
+
 DATABASE = "django_events_faults"
 
 

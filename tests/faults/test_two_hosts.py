@@ -39,7 +39,7 @@ from .harness import (
 )
 from .netns import hosts_postgres, hosts_redis, worker_hosts
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.own_postgres]
 
 DATABASE = "django_events_two_hosts"
 

@@ -41,7 +41,7 @@ from tests.cronapp import BLOCK_ENV, EVERY_SECOND, EVERY_SECOND_CALL
 from .harness import ROOT, WORKER_SETTINGS, child_pids, patience, report, wait_until, worker_env
 from .netns import WorkerHost, hosts_postgres, hosts_redis, worker_hosts
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.own_postgres]
 
 #: ``tests.flow_limited``'s function id, the name of its ``Span`` rows, and its limit per key.
 LIMITED, LIMITED_SPAN, LIMIT = "tests.flow_limited", "limited", 2
