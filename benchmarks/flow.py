@@ -7,7 +7,7 @@ one after the other in each of ``--rounds`` rounds:
 
 - ``no-flow``: the suite's own ``bench/noop``, in an app with no flow control at all;
 - ``unlimited``: a no-op with no flow control, in an app where other functions have some
-  (then every claim reads its run's function first: ``registry.controls_start``);
+  (the baseline: the same worker settings and registry as the limited cases);
 - ``limit16``: ``concurrency=Concurrency(16)``, a limit 16 worker threads never pass:
   only the bookkeeping (the claim's transaction under the key's lock, the slot, its
   release and the look for held runs in the record's transaction);
@@ -24,9 +24,11 @@ program, the messages processed (a held run takes two: the one that held it and 
 that woke it) and what the database's busy backends were waiting on, sampled every 20 ms
 from ``pg_stat_activity``. It checks that every run succeeded once and that no slot is left.
 
-``--statements`` instead runs ``--statement-runs`` runs of each function in this process,
-one thread, no worker (``execution.execute_run``), and counts the statements and commits
-each run takes and their time, by statement kind.
+``--statements`` instead runs ``--statement-runs`` runs of each case's function in one
+thread of a subprocess, with no worker and no broker round trip (``execution.execute_run``),
+and reports per run: the statements by kind and their time, the commits of the benchmark
+database, the server's WAL flushes and bytes (``pg_stat_wal``: the whole server's), and
+the process's CPU time.
 
 Examples::
 
@@ -63,6 +65,8 @@ CASES: dict[str, tuple[str, str | None]] = {
     "keyed-spread": ("bench/flow.keyed", "spread"),
     "keyed-grouped": ("bench/flow.keyed", "grouped"),
 }
+#: The cases ``--statements`` measures by default (a limit that binds changes nothing in one thread).
+STATEMENT_CASES = ["no-flow", "unlimited", "limit16", "keyed-spread"]
 #: The case every other one is set against, in the same round.
 BASELINE = "unlimited"
 #: Seconds between two samples of pg_stat_activity.
@@ -139,8 +143,8 @@ def run_one(case: str, jobs: int, keys: int, processes: int, threads: int, timeo
         "attempts": Attempt.objects.count(),
         "slots_left": Slot.objects.count(),
         "cpu_ms_per_job": {
-            program: round((cpu_to[program] - spent) * 1000 / max(1, runs_to - runs_from), 4)
-            for program, spent in cpu_from.items()
+            program: round(spent * 1000 / max(1, runs_to - runs_from), 4)
+            for program, spent in cpu_spent(cpu_from, cpu_to).items()
         },
         "waits": sampler.summary(),
     }
@@ -156,14 +160,14 @@ def run_one(case: str, jobs: int, keys: int, processes: int, threads: int, timeo
     return result
 
 
-def own_cpu_seconds() -> dict[str, float]:
-    """CPU seconds so far of this benchmark's own processes: its workers and its database's backends.
+def own_cpu_seconds() -> dict[str, dict[int, float]]:
+    """CPU seconds so far, by process, of this benchmark's own: its workers and its database's backends.
 
     Unlike ``driver.cpu_seconds``, which counts every ``dramatiq`` and ``postgres`` process,
-    so that other programs sharing the machine (tests with workers of their own) are left
-    out: the workers are this process's descendants, the backends those of
-    ``pg_stat_activity`` on the benchmark database (the workers keep their connections).
-    PostgreSQL's shared processes (the WAL writer, the checkpointer) are left out too.
+    this leaves out other programs sharing the machine (tests with workers of their own):
+    the workers are this process's descendants, the backends those of ``pg_stat_activity``
+    on the benchmark database. PostgreSQL's shared processes (the WAL writer, the
+    checkpointer) are left out too. See :func:`cpu_spent`.
     """
     from django.db import connection
 
@@ -193,8 +197,20 @@ def own_cpu_seconds() -> dict[str, float]:
         return False
 
     return {
-        "workers": sum(seconds for pid, seconds in used.items() if descends(pid)),
-        "postgres": sum(seconds for pid, seconds in used.items() if pid in backends),
+        "workers": {pid: seconds for pid, seconds in used.items() if descends(pid)},
+        "postgres": {pid: seconds for pid, seconds in used.items() if pid in backends},
+    }
+
+
+def cpu_spent(before: dict[str, dict[int, float]], after: dict[str, dict[int, float]]) -> dict[str, float]:
+    """CPU seconds by program from ``before`` to ``after`` (:func:`own_cpu_seconds`).
+
+    Counted for the processes alive at ``after`` (from ``before``, or from their start): a
+    backend that closed its connection meanwhile is not counted (the workers keep theirs).
+    """
+    return {
+        program: sum(seconds - before[program].get(pid, 0.0) for pid, seconds in processes.items())
+        for program, processes in after.items()
     }
 
 
@@ -261,8 +277,8 @@ class WaitSampler:
 # -- statements per run, in this process ------------------------------------------------------------
 
 
-def statements(runs: int) -> dict[str, Any]:
-    """Statements, commits and their time per run of each function, one thread, no worker."""
+def statements(case: str, runs: int, keys: int) -> dict[str, Any]:
+    """Statements, commits, WAL and time per run of ``case``'s function: one thread, no worker."""
     from django.db import connection
 
     import django_events
@@ -272,45 +288,44 @@ def statements(runs: int) -> dict[str, Any]:
 
     driver.fresh_database()
     driver.empty_queue()
-    result: dict[str, Any] = {}
-    for case in ("unlimited", "limit16", "keyed-spread"):
-        name, order = CASES[case]
-        django_events.send_many(
-            [
-                {"name": name} if order is None else {"name": name, "data": {"k": i % 1000}}
-                for i in range(runs + 50)
-            ]
-        )
-        ids = [str(pk) for pk in Run.objects.filter(event_name=name).values_list("pk", flat=True)]
-        for run_id in ids[:50]:  # warm up: statement caches, the keys' rows
-            execute_run(run_id, lease=660.0)
-        tally = StatementTally()
-        counters_before = server_counters()
-        began, cpu = time.perf_counter(), time.process_time()
-        with connection.execute_wrapper(tally):
-            for run_id in ids[50:]:
-                execute_run(run_id, lease=660.0)
-        wall, cpu = time.perf_counter() - began, time.process_time() - cpu
-        counters_after = server_counters()
-        driver.empty_queue()
-        result[case] = {
-            "runs": runs,
-            **{
-                f"{counter}_per_run": round((counters_after[counter] - counters_before[counter]) / runs, 3)
-                for counter in counters_before
-            },
-            "ms_per_run": round(wall * 1000 / runs, 3),
-            "cpu_ms_per_run": round(cpu * 1000 / runs, 3),
-            "statements_per_run": round(sum(tally.counts.values()) / runs, 2),
-            "by_kind": {
-                kind: {
-                    "per_run": round(count / runs, 2),
-                    "ms_per_run": round(tally.seconds[kind] * 1000 / runs, 3),
-                }
-                for kind, count in tally.counts.most_common()
-            },
-        }
-    return result
+    name, order = CASES[case]
+    django_events.send_many(
+        [
+            {"name": name} if order is None else {"name": name, "data": {"k": i % keys}}
+            for i in range(runs + 50)
+        ]
+    )
+    driver.empty_queue()
+    runs_of = list(Run.objects.order_by("created_at", "pk").values_list("pk", "function"))
+    for run_id, function_id in runs_of[:50]:  # warm up: statement caches, the keys' rows
+        execute_run(run_id, lease=660.0, function_id=function_id)
+    tally = StatementTally()
+    counters_before = server_counters()
+    began, cpu = time.perf_counter(), time.process_time()
+    with connection.execute_wrapper(tally):
+        for run_id, function_id in runs_of[50:]:
+            execute_run(run_id, lease=660.0, function_id=function_id)  # as the actor calls it
+    wall, cpu = time.perf_counter() - began, time.process_time() - cpu
+    counters_after = server_counters()
+    driver.empty_queue()
+    return {
+        "case": case,
+        "runs": runs,
+        **{
+            f"{counter}_per_run": round((counters_after[counter] - counters_before[counter]) / runs, 3)
+            for counter in counters_before
+        },
+        "ms_per_run": round(wall * 1000 / runs, 3),
+        "cpu_ms_per_run": round(cpu * 1000 / runs, 3),
+        "statements_per_run": round(sum(tally.counts.values()) / runs, 2),
+        "by_kind": {
+            kind: {
+                "per_run": round(count / runs, 2),
+                "ms_per_run": round(tally.seconds[kind] * 1000 / runs, 3),
+            }
+            for kind, count in tally.counts.most_common()
+        },
+    }
 
 
 class StatementTally:
@@ -367,6 +382,7 @@ def statement_kind(sql: str) -> str:
 
 
 def run_case(case: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Run ``case`` (its drain, or with ``--statements`` its statements per run) in a subprocess."""
     env = {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "benchmarks.bench_settings",
@@ -391,6 +407,7 @@ def run_case(case: str, args: argparse.Namespace) -> dict[str, Any]:
         str(args.threads),
         "--timeout",
         str(args.timeout),
+        *(["--statements", "--statement-runs", str(args.statement_runs)] if args.statements else []),
     ]
     print(f"  {case:<14} ...", end="", flush=True, file=sys.stderr)
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
@@ -398,6 +415,13 @@ def run_case(case: str, args: argparse.Namespace) -> dict[str, Any]:
         print(" failed", file=sys.stderr)
         return {"case": case, "error": (done.stderr or done.stdout)[-3000:]}
     figures: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    if args.statements:
+        print(
+            f" {figures['statements_per_run']:.1f} statements, {figures['ms_per_run']:.2f} ms,"
+            f" {figures['cpu_ms_per_run']:.2f} ms CPU per run",
+            file=sys.stderr,
+        )
+        return figures
     print(
         f" {figures['jobs_per_s']:,.0f} jobs/s, commits {figures.get('commit_rate_per_s', 0):,.0f}/s"
         f"{'  ERROR ' + figures['error'] if 'error' in figures else ''}",
@@ -435,11 +459,23 @@ def table(rounds: list[dict[str, dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
+def code_version() -> dict[str, Any]:
+    """The commit measured, and the files of ``django_events/`` that differ from it (uncommitted)."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False).stdout
+
+    return {
+        "commit": git("rev-parse", "HEAD").strip(),
+        "changed": git("status", "--porcelain", "--", "django_events", "benchmarks").splitlines(),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), help="default: all (statements: four)")
     parser.add_argument("--rounds", type=int, default=1, help="times each case runs, the cases in turn")
     parser.add_argument("--jobs", type=int, default=20000)
     parser.add_argument("--keys", type=int, default=1000, help="keys of the keyed cases")
@@ -454,28 +490,30 @@ def main() -> None:
     parser.add_argument("--statement-runs", type=int, default=2000)
     args = parser.parse_args()
 
-    if args.one or args.statements:
+    if args.one:
         os.environ.setdefault("DJANGO_SETTINGS_MODULE", "benchmarks.bench_settings")
-        os.environ.setdefault("BENCH_DATABASE_URL", args.database_url)
-        os.environ.setdefault("BENCH_QUEUE", QUEUE)
-        os.environ.setdefault("BENCH_BROKER", "redis")
-        os.environ.setdefault("BENCH_FLOW", "1")
         sys.path.insert(0, str(ROOT))
         import django
 
         django.setup()
-        if args.one:
-            figures = run_one(args.one, args.jobs, args.keys, args.processes, args.threads, args.timeout)
-            print(json.dumps(figures))
-            return
-        figures = {"statements": statements(args.statement_runs)}
-        rounds: list[dict[str, dict[str, Any]]] = []
-        print(json.dumps(figures, indent=2))
+        if args.statements:
+            print(json.dumps(statements(args.one, args.statement_runs, args.keys)))
+        else:
+            print(
+                json.dumps(
+                    run_one(args.one, args.jobs, args.keys, args.processes, args.threads, args.timeout)
+                )
+            )
+        return
+    if args.statements:
+        cases = args.cases or STATEMENT_CASES
+        figures: dict[str, Any] = {"statements": {case: run_case(case, args) for case in cases}}
+        print(json.dumps(figures["statements"], indent=2))
     else:
         rounds = []
         for number in range(1, args.rounds + 1):
             print(f"round {number} of {args.rounds}", file=sys.stderr)
-            rounds.append({case: run_case(case, args) for case in args.cases})
+            rounds.append({case: run_case(case, args) for case in args.cases or list(CASES)})
         print(table(rounds))
         figures = {"rounds": rounds}
 
@@ -487,6 +525,7 @@ def main() -> None:
     )
     document = {
         "when": stamp,
+        "code": code_version(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": {
             "cpus": os.cpu_count(),

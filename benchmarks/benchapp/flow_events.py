@@ -1,9 +1,8 @@
 """The functions of the flow-control benchmarks (``benchmarks/flow.py``): no-ops with and without limits.
 
-Registered only when ``BENCH_FLOW=1`` (``events.py`` imports this module then): one
-function with a concurrency limit anywhere makes every claim read its run's function
-first, so the suite's drain (``benchmarks/suite.py``) keeps measuring an app with no
-flow control at all.
+Registered only when ``BENCH_FLOW=1`` (``events.py`` imports this module then), so that
+the suite (``benchmarks/suite.py``) keeps measuring an app with no flow control at all,
+and ``flow.py``'s ``no-flow`` case can set one against the other.
 """
 
 from __future__ import annotations
