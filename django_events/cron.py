@@ -299,6 +299,7 @@ def _fire(spec: Function, at: dt.datetime, now: dt.datetime, using: str) -> tupl
         max_attempts=spec.max_attempts(),
         status=RunStatus.PENDING if late else RunStatus.SCHEDULED,
         due_at=now if late else at,
+        ready_at=now if late else at,
         created_at=now,
         priority=flow.priority_of(spec, stored),
         reason=(

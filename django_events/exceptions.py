@@ -15,6 +15,7 @@ __all__ = [
     "NonRetriableError",
     "ResultNotSerializableError",
     "RetryAfterError",
+    "RunTimedOutError",
     "WorkerLostError",
 ]
 
@@ -41,6 +42,10 @@ class FunctionNotFoundError(DjangoEventsError):
 
 class WorkerLostError(DjangoEventsError):
     """Recorded on an attempt whose worker stopped before it ended (its lease expired)."""
+
+
+class RunTimedOutError(DjangoEventsError):
+    """Given to ``run_dead`` for a run ended by its ``Timeouts.finish`` before its next attempt."""
 
 
 class ResultNotSerializableError(DjangoEventsError, TypeError):

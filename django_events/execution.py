@@ -35,6 +35,7 @@ from .exceptions import (
     NonRetriableError,
     ResultNotSerializableError,
     RetryAfterError,
+    RunTimedOutError,
 )
 from .models import WAITING_STATUSES, Attempt, AttemptOutcome, Run, RunStatus
 from .registry import Context, controls_start, get_function, has_concurrency, lease_seconds
@@ -168,11 +169,20 @@ def execute(
         spec = get_function(function_id)
     lease_until = now + dt.timedelta(seconds=lease)
     if spec is not None and spec.controls_start:
+        ended: list[Run] = []
         claimed = flow.claim(
-            run_id, spec, using=using, now=now, lease_until=lease_until, ignore_due=ignore_due
+            run_id,
+            spec,
+            using=using,
+            now=now,
+            lease_until=lease_until,
+            ignore_due=ignore_due,
+            on_dead=lambda dead: _ended_at_claim(dead, ended),
         )
+        for dead in ended:
+            _dead_before_attempt(dead)
         if claimed is flow.HELD_BACK:
-            return Execution.SKIPPED, run_id
+            return Execution.SKIPPED, run_id  # no attempt ran (a run ended here is logged above)
         run = claimed if isinstance(claimed, Run) else None
     else:
         run = ledger.claim(run_id, using=using, now=now, lease_until=lease_until, ignore_due=ignore_due)
@@ -479,6 +489,30 @@ _DEFAULT_MESSAGES: dict[str, str] = {
     AttemptOutcome.TIMED_OUT: "time limit exceeded",
     AttemptOutcome.INTERRUPTED: "the worker was shutting down",
 }
+
+
+def _ended_at_claim(run: Run, ended: list[Run]) -> None:
+    """In the claim's transaction: the run.dead event of a run its finish timeout ended."""
+    ended.append(run)
+    if run.event_name != RUN_DEAD_EVENT:
+        _send_dead_event(run, run.attempts)
+
+
+def _dead_before_attempt(run: Run) -> None:
+    """Log and signal a run that flow control ended before its next attempt (its ``Timeouts.finish``)."""
+    logger.error("Run %s of %s for %s is dead: %s.", run.pk, run.function, run.event_name, run.reason)
+    last = Attempt.objects.filter(run_id=run.pk).order_by("-number").first()
+    responses = signals.run_dead.send_robust(
+        sender=Run, run=run, attempt=last, exception=RunTimedOutError(run.reason)
+    )
+    for receiver, response in responses:
+        if isinstance(response, Exception):
+            logger.error(
+                "A signal receiver %r failed for run %s.",
+                receiver,
+                run.pk,
+                exc_info=(type(response), response, response.__traceback__),
+            )
 
 
 def _send_dead_event(run: Run, attempt: int) -> None:

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from django.db import transaction
+from django.db.models import Q
 
 from . import clock, dispatch, ledger
 from .models import Event, FlowKey, Run, RunStatus
@@ -249,7 +250,7 @@ def _debounce(run: Run, spec: Function, *, using: str, now: dt.datetime) -> None
         due = min(due, opened + dt.timedelta(seconds=as_seconds(debounce.timeout)))
     due = max(due, run.due_at or now)
     Run.objects.using(using).filter(pk=run.pk).update(
-        status=RunStatus.SCHEDULED if due > now else RunStatus.PENDING, due_at=due
+        status=RunStatus.SCHEDULED if due > now else RunStatus.PENDING, due_at=due, ready_at=due
     )
     run.status, run.due_at = (RunStatus.SCHEDULED if due > now else RunStatus.PENDING), due
     ledger.save_key(flow_key, using=using, open_run=run.pk, opened_at=opened)
@@ -288,7 +289,7 @@ def _batch(run: Run, spec: Function, *, using: str, now: dt.datetime) -> Run | N
         ledger.save_key(flow_key, using=using, open_run=None, opened_at=None, size=0)
         return run
     due = max(now + dt.timedelta(seconds=as_seconds(batch.timeout)), run.due_at or now)
-    Run.objects.using(using).filter(pk=run.pk).update(status=RunStatus.SCHEDULED, due_at=due)
+    Run.objects.using(using).filter(pk=run.pk).update(status=RunStatus.SCHEDULED, due_at=due, ready_at=due)
     run.status, run.due_at = RunStatus.SCHEDULED, due
     ledger.save_key(flow_key, using=using, open_run=run.pk, opened_at=now, size=1)
     return run
@@ -319,6 +320,7 @@ def claim(
     now: dt.datetime,
     lease_until: dt.datetime,
     ignore_due: bool = False,
+    on_dead: Callable[[Run], None] | None = None,
 ) -> Run | _HeldBack | None:
     """Claim run ``run_id`` (or, with a priority, its function's run that goes first) under flow control.
 
@@ -327,7 +329,8 @@ def claim(
     no free concurrency slot held, one before its throttle turn throttled (its turn
     kept, its message sent for then); otherwise it is claimed with a slot of each
     of its concurrency keys. Returns the claimed run, :data:`HELD_BACK`, or
-    ``None`` if the run is not waiting or not due.
+    ``None`` if the run is not waiting or not due. ``on_dead(run)`` is called, in
+    the transaction, for a run that its finish timeout ended.
     """
     with transaction.atomic(using=using):
         ledger.bound_lock_waits(using)
@@ -341,7 +344,9 @@ def claim(
         expired = _timed_out(run, spec, now)
         if expired is not None:
             to, reason = expired
-            ledger.hold_back(run, to, using=using, now=now, reason=reason)
+            moved = ledger.hold_back(run, to, using=using, now=now, reason=reason)
+            if moved and to == RunStatus.DEAD and on_dead is not None:
+                on_dead(run)  # in this transaction: the run.dead event commits with the move
             return HELD_BACK
         slots: list[str] = []
         if spec.concurrency:
@@ -444,15 +449,16 @@ def _on_time(run: Run, now: dt.datetime, interval: dt.timedelta) -> bool:
 def _timed_out(run: Run, spec: Function, now: dt.datetime) -> tuple[str, str] | None:
     """``(status, reason)`` for a run past its start or finish timeout, else ``None``.
 
-    The start timeout counts from when the run was sent, or from its time for a
-    scheduled run (a delay, a cron tick); the finish timeout from its first start.
+    The start timeout counts from when the run could first start (``Run.ready_at``:
+    when it was sent, or its time: a delay, a cron tick, a debounce or batch window),
+    however long it was held or throttled since; the finish timeout from its first start.
     """
     timeouts = spec.timeouts
     if timeouts is None:
         return None
     if timeouts.start is not None and run.attempts == 0:
         start = as_seconds(timeouts.start)
-        since = run.due_at if run.status == RunStatus.SCHEDULED and run.due_at else run.created_at
+        since = run.ready_at or run.created_at
         if now > since + dt.timedelta(seconds=start):
             return (
                 RunStatus.CANCELLED,
@@ -542,10 +548,11 @@ def sweep(*, now: dt.datetime, limit: int, using: str) -> tuple[list[tuple[Any, 
         if spec.timeouts is None or spec.timeouts.start is None:
             continue
         start = as_seconds(spec.timeouts.start)
+        cutoff = now - dt.timedelta(seconds=start)
         late = list(
-            held.filter(function=spec.id, created_at__lt=now - dt.timedelta(seconds=start)).values_list(
-                "pk", flat=True
-            )[:limit]
+            held.filter(function=spec.id)
+            .filter(Q(ready_at__lt=cutoff) | Q(ready_at__isnull=True, created_at__lt=cutoff))
+            .values_list("pk", flat=True)[:limit]
         )
         if late and ledger.cancel(
             late,

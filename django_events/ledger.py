@@ -207,6 +207,7 @@ def new_run(
         function=spec.id,
         max_attempts=spec.max_attempts(),
         due_at=start,
+        ready_at=start,
         created_at=now,
         status=RunStatus.SCHEDULED if start > now else RunStatus.PENDING,
         priority=priority,
@@ -648,21 +649,26 @@ def lock_claimable(
 ) -> Run | None:
     """Lock run ``run_id`` if it is waiting and due (or ``ignore_due``), with its event; else ``None``.
 
-    ``best_of``: the id of a function with a priority. If run ``run_id`` is due,
-    lock instead the function's due run that goes first (highest priority, then
-    oldest), skipping runs another worker has locked: a message is a turn to run
-    the function, and the database decides which run takes it. The run passed
-    over keeps its place; the message of the run taken is the turn it gets.
+    ``best_of``: the id of a function with a priority. A message is then a turn
+    to run the function, and the database decides which run takes it: the
+    function's due run that goes first (highest priority, then oldest, skipping
+    runs another worker has locked). The run passed over keeps its place; the
+    message of the run taken is the turn it gets. So a message whose own run is
+    no longer waiting (another message's turn took it, or it was held) still
+    takes the best due run; one whose own run waits but is not due yet takes
+    nothing (``None``: its caller sends it again for later).
 
     Call it inside a transaction; then move the run with :func:`claim` or hold it
     back with :func:`hold_back`.
     """
     claimable = Run.objects.using(using).claimable(now, ignore_due=ignore_due)
     own = _locked_waiting(claimable.filter(pk=run_id), using, skip=False)
-    if own is None or best_of is None or ignore_due:
+    if best_of is None or ignore_due:
         return own
+    if own is None and Run.objects.using(using).filter(pk=run_id, status__in=WAITING_STATUSES).exists():
+        return None  # early: its message is sent again for its time
     best = _locked_waiting(
-        claimable.filter(function=best_of, priority__isnull=False).order_by("-priority", "created_at"),
+        claimable.filter(function=best_of, priority__isnull=False).order_by("-priority", "created_at", "id"),
         using,
         skip=True,
     )
@@ -718,6 +724,8 @@ def hold_back(
     )
     if moved:
         run.status, run.reason, run.due_at, run.held_on = to, reason[:255], due_at, held_on
+        if "last_error" in extra:
+            run.last_error = extra["last_error"]
     return bool(moved)
 
 
@@ -769,7 +777,7 @@ def wake(
     held = (
         Run.objects.using(using)
         .filter(status=RunStatus.HELD, held_on=flow_key)
-        .order_by("-priority", "created_at")
+        .order_by("-priority", "created_at", "id")
     )
     rows = list(_locked(held, using).values_list("pk", "function")[:count])
     if not rows:

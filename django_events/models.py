@@ -236,6 +236,14 @@ class Run(models.Model):
         null=True, blank=True, help_text=_("The run that handles this run's event (debounce, batch).")
     )
     cancelled_by = models.UUIDField(null=True, blank=True, help_text=_("The event that cancelled this run."))
+    ready_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text=_(
+            "When the run could first start: when it was sent, or its time (a delay, a cron tick, "
+            "a debounce or batch window). Timeouts.start counts from it."
+        ),
+    )
     held_on = models.CharField(
         max_length=64, blank=True, help_text=_("The concurrency key a held run waits on (a FlowKey id).")
     )

@@ -19,12 +19,14 @@ from django_events import (
     Debounce,
     EventValidationError,
     RateLimit,
+    RetryAfterError,
     Throttle,
     Timeouts,
     dispatch,
     flow,
     ledger,
     registry,
+    signals,
 )
 from django_events.control import cancel_runs
 from django_events.execution import execute_run, record
@@ -641,3 +643,78 @@ def test_a_claim_does_not_wait_for_ever_on_a_key_a_lost_client_holds(transaction
     finally:
         other.rollback()
         other.close()
+
+
+def test_a_message_whose_run_another_turn_took_runs_the_best_waiting_run(db):
+    # Given three due runs of a function with a priority, and the p=0 run's message taken first
+    for p in (0, 1, 9):
+        django_events.send("flow/limited-one", {"p": p})
+    low, mid, high = _runs("tests.flow_limited_one")
+    spec = registry.get_function("tests.flow_limited_one")
+    t = now()
+    lease = t + dt.timedelta(seconds=60)
+    taken = flow.claim(low.pk, spec, using="default", now=t, lease_until=lease)
+    assert isinstance(taken, Run)
+    assert taken.pk == high.pk  # the best due run took the turn
+    record(taken, 1, t, "ok", None, using="default")
+
+    # When the p=9 run's own message comes (its run already ran)
+    again = flow.claim(high.pk, spec, using="default", now=now(), lease_until=lease)
+
+    # Then it runs the best waiting run, not nothing: no run is left without a message
+    assert isinstance(again, Run)
+    assert again.pk == mid.pk
+
+
+def test_the_start_timeout_of_a_delayed_run_counts_from_its_time_even_when_held(db):
+    @django_events.function(
+        "flow/late-start", id="tests.late_start", concurrency=1, timeouts=Timeouts(start=4)
+    )
+    def late_start(ctx):
+        return None
+
+    try:
+        django_events.send("flow/late-start")
+        django_events.send("flow/late-start", delay=2)
+        first, second = _runs("tests.late_start")
+        assert second.ready_at == second.due_at
+        spec = registry.get_function("tests.late_start")
+        t = now()
+        assert isinstance(
+            flow.claim(first.pk, spec, using="default", now=t, lease_until=t + dt.timedelta(seconds=60)), Run
+        )
+        advance(2)
+        assert flow.claim(second.pk, spec, using="default", now=now(), lease_until=now()) is flow.HELD_BACK
+        advance(3)  # 5 s after it was sent, 3 s after its time: within its start timeout
+        assert recover(now=now()).timed_out == []
+        advance(2)  # 5 s after its time
+        assert recover(now=now()).timed_out == [second.pk]
+    finally:
+        registry.unregister("tests.late_start")
+
+
+def test_a_run_its_finish_timeout_ends_before_its_next_attempt_sends_the_run_dead_event(db):
+    @django_events.function("flow/finish", id="tests.finish", retries=5, timeouts=Timeouts(finish=3))
+    def finish(ctx):
+        raise RetryAfterError(1)
+
+    dead = []
+
+    def on_dead(sender, run, attempt, exception, **kwargs):
+        dead.append((run.pk, attempt.number, type(exception).__name__))
+
+    signals.run_dead.connect(on_dead)
+    try:
+        django_events.send("flow/finish")
+        (run,) = run_due()
+        assert run.status == RunStatus.RETRYING  # due again in 1 s, within its finish (3 s)
+        advance(4)  # ... but its worker comes back to it only after the finish
+        assert run_due() == []
+        run.refresh_from_db()
+        assert run.status == RunStatus.DEAD
+        assert run.reason == "timed out: not finished within 3 s (Timeouts.finish)"
+        assert Event.objects.filter(name="django_events/run.dead", data__run_id=str(run.pk)).count() == 1
+        assert dead == [(run.pk, 1, "RunTimedOutError")]
+    finally:
+        signals.run_dead.disconnect(on_dead)
+        registry.unregister("tests.finish")
