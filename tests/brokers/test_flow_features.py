@@ -39,7 +39,7 @@ from tests.testapp.models import Call, Span
 
 from .kit import new_broker
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.flow_workers, pytest.mark.flow_features]
 
 #: Worker processes per test, each with ``Workers.COMMAND``'s threads.
 PROCESSES = 2

@@ -65,7 +65,7 @@ from tests.testapp.models import Span
 
 from .kit import new_broker
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.flow_workers]
 
 #: The concurrency test: the issue's figures, runs across keys, each run's handler sleeping this long.
 CONCURRENCY_RUNS, CONCURRENCY_KEYS, CONCURRENCY_SLEEP = 1000, 50, 0.01

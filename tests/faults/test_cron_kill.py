@@ -27,6 +27,8 @@ from tests.testapp.models import Call
 
 from .harness import RedisServer, Workers, child_pids, patience, report, wait_until, worker_env
 
+pytestmark = pytest.mark.flow_workers
+
 
 @pytest.fixture
 def cron_workers(transactional_db: None, redis_server: RedisServer, tmp_path: Path) -> Iterator[Workers]:

@@ -28,7 +28,7 @@ from tests.testapp.models import Span
 
 from .harness import WORKER_SETTINGS, Workers, child_pids, patience, report, wait_until
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.flow_workers]
 
 FUNCTION, SPAN = "tests.faults_limited", "faults_limited"
 #: Keys, runs of each key, and how long each handler sleeps. No more keys than a worker has threads:

@@ -26,7 +26,7 @@ from tests.cronapp import EVERY_SECOND, EVERY_SECOND_CALL
 from tests.faults.harness import Workers, worker_env
 from tests.testapp.models import Call
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.flow_workers]
 
 #: Ticks that must have run before the workers are stopped.
 TICKS = 6
