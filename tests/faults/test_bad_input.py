@@ -74,7 +74,11 @@ BAD_SENDS: list[tuple[str, Callable[[], object], str]] = [
     ("id too long", _send(id="k" * 256), "event id"),
     ("id int", _send(id=5), "event id"),
     ("send_many: not a mapping", _send_many(["faults/ok"]), "takes mappings"),
-    ("send_many: unknown key", _send_many([{"name": "faults/ok", "extra": 1}]), "may have 'data' and 'id'"),
+    (
+        "send_many: unknown key",
+        _send_many([{"name": "faults/ok", "extra": 1}]),
+        "may have 'data', 'id', 'delay' and 'run_at'",
+    ),
     ("send_many: no name", _send_many([{"data": {}}]), "must have a 'name'"),
     (
         "send_many: good items then a bad one",
