@@ -21,8 +21,9 @@ Each case starts from a new database and an empty queue, measures the single-con
 commit rate just before its drain (``driver.commit_rate``), and reports jobs/s from the
 first job's start to the last run's finish, ``pg_stat_wal`` per run, CPU per run by
 program, the messages processed (a held run takes two: the one that held it and the one
-that woke it) and what the database's busy backends were waiting on, sampled every 20 ms
-from ``pg_stat_activity``. It checks that every run succeeded once and that no slot is left.
+that woke it), the longest time in which no attempt started (a stall), and what the
+database's busy backends were waiting on, sampled every 20 ms from ``pg_stat_activity``.
+It checks that every run succeeded once and that no slot is left.
 
 ``--statements`` instead runs ``--statement-runs`` runs of each case's function in one
 thread of a subprocess, with no worker and no broker round trip (``execution.execute_run``),
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import itertools
 import json
 import os
 import platform
@@ -125,6 +127,10 @@ def run_one(case: str, jobs: int, keys: int, processes: int, threads: int, timeo
     finished = Run.objects.order_by("-finished_at").values_list("finished_at", flat=True).first()
     assert finished is not None
     seconds = finished.timestamp() - entry["first"]
+    starts = [
+        at.timestamp() for at in Attempt.objects.order_by("started_at").values_list("started_at", flat=True)
+    ]
+    gap, after = max((b - a, a - starts[0]) for a, b in itertools.pairwise(starts))
     result: dict[str, Any] = {
         "case": case,
         "event": name,
@@ -139,6 +145,9 @@ def run_one(case: str, jobs: int, keys: int, processes: int, threads: int, timeo
         "messages_processed": int(entry["count"]),
         "messages_failed": int(entry["failed"]),
         "extra_messages_per_run": round((entry["count"] - jobs) / jobs, 3),
+        # The longest time no attempt started, and when (seconds after the first start): a stall.
+        "longest_start_gap_s": round(gap, 3),
+        "longest_start_gap_after_s": round(after, 3),
         "runs_succeeded": Run.objects.filter(status=RunStatus.SUCCEEDED).count(),
         "attempts": Attempt.objects.count(),
         "slots_left": Slot.objects.count(),
