@@ -130,9 +130,10 @@ def execute(
 ) -> tuple[Execution, Any]:
     """Claim run ``run_id``, call its function and record how it ended; return that and the run's id.
 
-    The run executed is another than ``run_id`` for a function with a priority:
-    the message of a due run is a turn, taken by the function's run that goes
-    first (``flow.claim``).
+    The run executed may be another than ``run_id`` under flow control: for a
+    function with a priority, the message of a due run is a turn, taken by the
+    function's run that goes first; and a message whose run finds no free
+    concurrency slot takes the run a slot is kept for (``flow.claim``).
 
     Args:
         run_id: the run's primary key.

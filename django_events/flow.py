@@ -23,10 +23,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from django.db import transaction
-from django.db.models import Q
+from django.db.models import Count, Q
 
 from . import clock, dispatch, ledger
-from .models import Event, FlowKey, Run, RunStatus
+from .models import Event, FlowKey, Run, RunStatus, Slot
 from .options import Concurrency, KeySpec, as_seconds, describe_key, key_of
 from .registry import (
     MAX_PRIORITY,
@@ -341,58 +341,110 @@ def claim(
         # The time after the locks: a start is counted when it happens, not when its worker asked.
         waited = max(clock.now() - now, dt.timedelta(0))
         now, lease_until = now + waited, lease_until + waited
-        expired = _timed_out(run, spec, now)
-        if expired is not None:
-            to, reason = expired
-            moved = ledger.hold_back(run, to, using=using, now=now, reason=reason)
-            if moved and to == RunStatus.DEAD and on_dead is not None:
-                on_dead(run)  # in this transaction: the run.dead event commits with the move
-            return HELD_BACK
-        slots: list[str] = []
-        if spec.concurrency:
-            wanted = [
-                (spec.id, _concurrency_kind(i), _safe_key(c.key, run.event, "concurrency", spec.id))
-                for i, c in enumerate(spec.concurrency)
-            ]
-            ledger.lock_keys(wanted, using=using, now=now)
-            for c, (function_id, kind, key) in zip(spec.concurrency, wanted, strict=True):
-                flow_key = ledger.flow_key_id(function_id, kind, key)
-                if ledger.live_slots(flow_key, using=using, now=now, besides=run.pk) >= c.limit:
-                    _give_back(run, using=using, now=now)
-                    ledger.hold_back(
-                        run,
-                        RunStatus.HELD,
-                        using=using,
-                        now=now,
-                        held_on=flow_key,
-                        reason=f"waiting for a concurrency slot (limit {c.limit}{describe_key(c.key, key)})",
-                    )
-                    return HELD_BACK
-                slots.append(flow_key)
-        if spec.throttle is not None and not ignore_due:
-            turn, counted = _throttle_turn(run, spec, using=using, now=now)
-            # The claim's time is the one the throttle counted (after the key's lock).
-            now, lease_until = counted, lease_until + (counted - now)
-            if turn is not None:
+        for _turn in range(TAKE_OVER + 1):
+            outcome = _decide(
+                run,
+                spec,
+                using=using,
+                now=now,
+                lease_until=lease_until,
+                ignore_due=ignore_due,
+                on_dead=on_dead,
+            )
+            if not isinstance(outcome, _TakeOver):
+                return outcome
+            run = outcome.run  # a woken run whose kept slot this message uses (see _decide)
+        return HELD_BACK
+
+
+class _TakeOver:
+    """What :func:`_decide` returns for a woken run to decide instead of the run held back."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+
+
+#: How many woken runs one message may take over in a row (:func:`_decide`); each is held back or
+#: claimed, so one is the usual case, more only when the woken run is itself held on another key.
+TAKE_OVER = 2
+
+
+def _decide(
+    run: Run,
+    spec: Function,
+    *,
+    using: str,
+    now: dt.datetime,
+    lease_until: dt.datetime,
+    ignore_due: bool,
+    on_dead: Callable[[Run], None] | None,
+) -> Run | _HeldBack | _TakeOver | None:
+    """Claim, hold back or end ``run`` (locked, waiting) under ``spec``'s flow control; see :func:`claim`.
+
+    Returns the claimed run (``running``), :data:`HELD_BACK`, ``None`` (not
+    claimable after all), or a *woken* run to decide instead (:class:`_TakeOver`): when ``run`` finds
+    no free slot because a slot is kept for a run woken earlier (its message
+    went to the back of the broker's queue, behind a backlog), ``run`` is held
+    and this message takes the woken run instead, so that the slot is used now
+    rather than when the woken run's own message comes (that message then finds
+    nothing to do). Only for a function with one concurrency limit: taking over
+    a run whose other keys differ could lock keys out of order.
+    """
+    expired = _timed_out(run, spec, now)
+    if expired is not None:
+        to, reason = expired
+        moved = ledger.hold_back(run, to, using=using, now=now, reason=reason)
+        if moved and to == RunStatus.DEAD and on_dead is not None:
+            on_dead(run)  # in this transaction: the run.dead event commits with the move
+        return HELD_BACK
+    slots: list[str] = []
+    if spec.concurrency:
+        wanted = [
+            (spec.id, _concurrency_kind(i), _safe_key(c.key, run.event, "concurrency", spec.id))
+            for i, c in enumerate(spec.concurrency)
+        ]
+        ledger.lock_keys(wanted, using=using, now=now)
+        for c, (function_id, kind, key) in zip(spec.concurrency, wanted, strict=True):
+            flow_key = ledger.flow_key_id(function_id, kind, key)
+            if ledger.live_slots(flow_key, using=using, now=now, besides=run.pk) >= c.limit:
+                woken = None
+                if len(spec.concurrency) == 1:
+                    woken = ledger.lock_woken(flow_key, using=using, now=now, besides=run.pk)
                 _give_back(run, using=using, now=now)
                 ledger.hold_back(
                     run,
-                    RunStatus.THROTTLED,
+                    RunStatus.HELD,
                     using=using,
                     now=now,
-                    due_at=turn,
-                    reason=f"throttled until {_at(turn)}",
+                    held_on=flow_key,
+                    reason=f"waiting for a concurrency slot (limit {c.limit}{describe_key(c.key, key)})",
                 )
-                dispatch.send_with_transaction(
-                    [(run.pk, run.function)], using, delay=(turn - now).total_seconds()
-                )
-                return HELD_BACK
-        claimed = ledger.claim(run.pk, using=using, now=now, lease_until=lease_until, ignore_due=True)
-        if claimed is None:
-            return None
-        if slots:
-            ledger.take_slots(claimed.pk, slots, using=using, until=lease_until)
-        return claimed
+                return _TakeOver(woken) if woken is not None else HELD_BACK
+            slots.append(flow_key)
+    if spec.throttle is not None and not ignore_due:
+        turn, counted = _throttle_turn(run, spec, using=using, now=now)
+        # The claim's time is the one the throttle counted (after the key's lock).
+        now, lease_until = counted, lease_until + (counted - now)
+        if turn is not None:
+            _give_back(run, using=using, now=now)
+            ledger.hold_back(
+                run,
+                RunStatus.THROTTLED,
+                using=using,
+                now=now,
+                due_at=turn,
+                reason=f"throttled until {_at(turn)}",
+            )
+            dispatch.send_with_transaction(
+                [(run.pk, run.function)], using, delay=(turn - now).total_seconds()
+            )
+            return HELD_BACK
+    claimed = ledger.claim(run.pk, using=using, now=now, lease_until=lease_until, ignore_due=True)
+    if claimed is None:
+        return None
+    if slots:
+        ledger.take_slots(claimed.pk, slots, using=using, until=lease_until)
+    return claimed
 
 
 def _throttle_turn(
@@ -526,21 +578,46 @@ def _wake(keys: Sequence[str], function_id: str, *, using: str, now: dt.datetime
     return woken
 
 
+#: Per database: the last concurrency key (FlowKey id) a recovery pass of this process looked at,
+#: so that each pass goes on from there and every key with held runs is looked at in turn.
+_swept_to: dict[str, str] = {}
+
+
 def sweep(*, now: dt.datetime, limit: int, using: str) -> tuple[list[tuple[Any, str]], list[Any]]:
     """Recovery's part of flow control: wake held runs a free slot waits for, end held runs timed out.
 
     A slot is normally handed to the next held run by the attempt that gives it
     back (:func:`release`); this finds the ones nobody handed over: a slot whose
-    lease ended (its worker died) or that a cancel gave back. Returns the runs
+    lease ended (its worker died) or that a cancel gave back. Each pass looks at
+    up to ``limit`` keys with held runs, in key order, going on where the last
+    pass stopped (and starting over after the last key), so that every key is
+    looked at however many there are; it counts their live slots in one query
+    and opens a transaction only for a key with a free slot. Returns the runs
     woken ``(id, function)`` and the ids of the held runs cancelled by their
     ``Timeouts.start``.
     """
     woken: list[tuple[Any, str]] = []
     held = Run.objects.using(using).filter(status=RunStatus.HELD)
-    for flow_key, function_id in held.values_list("held_on", "function").distinct()[:limit]:
+    after = _swept_to.get(using, "")
+    keys = _held_keys(held.filter(held_on__gt=after), limit)
+    if len(keys) < limit and after:  # past the last key: start over, up to where this pass began
+        keys += _held_keys(held.filter(held_on__lte=after), limit - len(keys))
+    _swept_to[using] = keys[-1] if len(keys) == limit else ""
+    live = dict(
+        Slot.objects.using(using)
+        .filter(flow_key__in=keys, lease_expires_at__gt=now)
+        .order_by()
+        .values_list("flow_key")
+        .annotate(n=Count("pk"))
+    )
+    for flow_key in FlowKey.objects.using(using).filter(pk__in=keys).order_by("pk"):
+        spec = get_function(flow_key.function)
+        limit_of = None if spec is None else _limit_of(spec, flow_key.kind)
+        if limit_of is None or live.get(flow_key.pk, 0) >= limit_of.limit:
+            continue
         with transaction.atomic(using=using):
             ledger.bound_lock_waits(using)
-            found = _wake([flow_key], function_id, using=using, now=now)
+            found = _wake([flow_key.pk], flow_key.function, using=using, now=now)
             dispatch.send_with_transaction(found, using)
         woken += found
     timed_out: list[Any] = []
@@ -562,6 +639,11 @@ def sweep(*, now: dt.datetime, limit: int, using: str) -> tuple[list[tuple[Any, 
         ):
             timed_out += late
     return woken, timed_out
+
+
+def _held_keys(held: Any, limit: int) -> list[str]:
+    """The first ``limit`` concurrency keys (FlowKey ids) the ``held`` runs wait on, in order."""
+    return list(held.order_by("held_on").values_list("held_on", flat=True).distinct()[:limit])
 
 
 def _lock_by_id(keys: Sequence[str], *, using: str, now: dt.datetime) -> list[FlowKey]:

@@ -737,6 +737,22 @@ def live_slots(flow_key: str, *, using: str, now: dt.datetime, besides: Any = No
     return slots.count()
 
 
+def lock_woken(flow_key: str, *, using: str, now: dt.datetime, besides: Any = None) -> Run | None:
+    """Lock a run woken on ``flow_key`` that has not started (a live slot is kept for it), with its event.
+
+    Highest priority, then oldest; runs another transaction has locked are
+    skipped (PostgreSQL). ``None`` if there is none but ``besides``.
+    """
+    kept = Slot.objects.using(using).filter(flow_key=flow_key, lease_expires_at__gt=now).values("run_id")
+    woken = (
+        Run.objects.using(using)
+        .filter(pk__in=kept, status=RunStatus.PENDING)
+        .exclude(pk=besides)
+        .order_by("-priority", "created_at", "id")
+    )
+    return _locked_waiting(woken, using, skip=True)
+
+
 def take_slots(run_id: Any, flow_keys: Sequence[str], *, using: str, until: dt.datetime) -> None:
     """Give run ``run_id`` a slot of each concurrency key in ``flow_keys``, held until ``until``.
 

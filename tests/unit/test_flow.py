@@ -204,6 +204,58 @@ def test_held_runs_are_woken_in_priority_then_arrival_order_as_slots_free(db):
     assert woken_order == [2, 3, 1]
 
 
+def test_a_message_that_finds_no_slot_takes_the_run_a_slot_was_kept_for(db):
+    # Given key "a" full (two running), and a run woken when one of them ended: its slot is kept
+    # for it while its message waits at the back of the broker's queue
+    for n in range(4):
+        django_events.send("flow/limited", {"k": "a", "n": n})
+    first, second, third, fourth = _runs("tests.flow_limited")
+    spec = registry.get_function("tests.flow_limited")
+    t = now()
+    lease = t + dt.timedelta(seconds=60)
+    for run in (first, second):
+        assert isinstance(flow.claim(run.pk, spec, using="default", now=t, lease_until=lease), Run)
+    assert flow.claim(third.pk, spec, using="default", now=t, lease_until=lease) is flow.HELD_BACK
+    record(Run.objects.select_related("event").get(pk=first.pk), 1, t, "ok", None, using="default")
+    third.refresh_from_db()
+    assert third.status == RunStatus.PENDING
+
+    # When the message of a newer run of the key comes first
+    claimed = flow.claim(fourth.pk, spec, using="default", now=now(), lease_until=lease)
+
+    # Then it runs the woken run in the kept slot, and the newer run is held behind it
+    assert isinstance(claimed, Run)
+    assert claimed.pk == third.pk
+    assert claimed.status == RunStatus.RUNNING
+    fourth.refresh_from_db()
+    assert fourth.status == RunStatus.HELD
+    assert sorted(Slot.objects.values_list("run_id", flat=True)) == sorted([second.pk, third.pk])
+    # and the woken run's own message, when it comes, finds nothing to do
+    assert flow.claim(third.pk, spec, using="default", now=now(), lease_until=lease) is None
+
+
+def test_a_message_takes_over_a_woken_run_through_execute_run(db):
+    django_events.send("flow/limited-one", {"n": 1})
+    django_events.send("flow/limited-one", {"n": 2})
+    first, second = _runs("tests.flow_limited_one")
+    spec = registry.get_function("tests.flow_limited_one")
+    t = now()
+    lease = t + dt.timedelta(seconds=60)
+    assert isinstance(flow.claim(first.pk, spec, using="default", now=t, lease_until=lease), Run)
+    assert flow.claim(second.pk, spec, using="default", now=t, lease_until=lease) is flow.HELD_BACK
+    record(Run.objects.select_related("event").get(pk=first.pk), 1, t, "ok", None, using="default")
+    django_events.send("flow/limited-one", {"n": 3})
+    third = _runs("tests.flow_limited_one")[2]
+
+    # The third's message runs the woken second; the third waits for the slot
+    assert execute_run(third.pk, enqueue=False).value == "succeeded"
+    second.refresh_from_db()
+    third.refresh_from_db()
+    assert (second.status, second.attempts) == (RunStatus.SUCCEEDED, 1)
+    assert third.status == RunStatus.PENDING  # woken in turn when the second ended
+    assert third.attempts == 0
+
+
 def test_a_slot_held_by_a_dead_worker_comes_back_when_its_lease_ends(db):
     django_events.send("flow/limited-one", {"n": 1})
     django_events.send("flow/limited-one", {"n": 2})
@@ -536,6 +588,63 @@ def test_recovery_wakes_a_held_run_whose_slot_a_cancel_gave_back(db):
     assert third.status == RunStatus.PENDING
     assert report.woken == [(third.pk, "tests.flow_limited_one")]
     assert list(Slot.objects.values_list("run_id", flat=True)) == [third.pk]
+
+
+def _one_running_one_held_per_key(keys):
+    """For each key of tests.faults_limited (one slot per key): a run claimed, and one held behind it."""
+    spec = registry.get_function("tests.faults_limited")
+    held = {}
+    for key in keys:
+        django_events.send("faults/limited", {"k": key})
+        django_events.send("faults/limited", {"k": key})
+        t = now()
+        lease = t + dt.timedelta(seconds=600)
+        running, waiting = _runs("tests.faults_limited")[-2:]
+        assert isinstance(flow.claim(running.pk, spec, using="default", now=t, lease_until=lease), Run)
+        assert flow.claim(waiting.pk, spec, using="default", now=t, lease_until=lease) is flow.HELD_BACK
+        waiting.refresh_from_db()
+        held[waiting.held_on] = waiting.pk
+    return held
+
+
+def test_recovery_passes_go_round_every_key_with_held_runs_however_many(db, monkeypatch):
+    # Given seven keys with a run held behind a running one, and a pass that looks at two keys
+    monkeypatch.setattr(flow, "_swept_to", {})
+    held = _one_running_one_held_per_key([f"k{n}" for n in range(7)])
+    # and the slot of the key looked at last given back with nobody woken (as a cancel does)
+    last = max(held)
+    Slot.objects.filter(flow_key=last).delete()
+
+    # When passes of two keys each run
+    passes = 0
+    while Run.objects.get(pk=held[last]).status == RunStatus.HELD:
+        passes += 1
+        assert passes <= 4, "a held run with a free slot was never woken"
+        woken, _timed_out = flow.sweep(now=now(), limit=2, using="default")
+
+    # Then the fourth pass (keys 7 of 7) woke it, and only it
+    assert passes == 4
+    assert woken == [(held[last], "tests.faults_limited")]
+    assert Run.objects.filter(function="tests.faults_limited", status=RunStatus.HELD).count() == 6
+    # and that pass, past the last key, went on from the first: the next goes on from there
+    assert flow._swept_to["default"] == min(held)
+
+
+def test_a_recovery_pass_over_keys_with_no_free_slot_locks_nothing_and_opens_no_transaction(db, monkeypatch):
+    monkeypatch.setattr(flow, "_swept_to", {})
+    _one_running_one_held_per_key([f"k{n}" for n in range(20)])
+
+    with CaptureQueriesContext(connection) as queries:
+        woken, _timed_out = flow.sweep(now=now(), limit=500, using="default")
+
+    assert woken == []
+    statements = [q["sql"].upper() for q in queries.captured_queries]
+    assert not [sql for sql in statements if "SAVEPOINT" in sql or "FOR UPDATE" in sql or "UPDATE " in sql]
+    # The keys, their live slots, their rows; then one query per function with a start timeout
+    timeouts = sum(
+        1 for spec in registry.registered_functions() if spec.timeouts and spec.timeouts.start is not None
+    )
+    assert len(statements) == 3 + timeouts
 
 
 def test_a_held_run_past_its_start_timeout_is_cancelled_by_recovery(db):
