@@ -398,6 +398,7 @@ def _decide(
             on_dead(run)  # in this transaction: the run.dead event commits with the move
         return HELD_BACK
     slots: list[str] = []
+    kept: list[str] = []  # slots kept for the run (it was woken)
     if spec.concurrency:
         wanted = [
             (spec.id, _concurrency_kind(i), _safe_key(c.key, run.event, "concurrency", spec.id))
@@ -406,7 +407,10 @@ def _decide(
         ledger.lock_keys(wanted, using=using, now=now)
         for c, (function_id, kind, key) in zip(spec.concurrency, wanted, strict=True):
             flow_key = ledger.flow_key_id(function_id, kind, key)
-            if ledger.live_slots(flow_key, using=using, now=now, besides=run.pk) >= c.limit:
+            others, own = ledger.slot_counts(flow_key, using=using, now=now, run_id=run.pk)
+            if own:
+                kept.append(flow_key)
+            if others >= c.limit:
                 woken = None
                 if len(spec.concurrency) == 1:
                     woken = ledger.lock_woken(flow_key, using=using, now=now, besides=run.pk)
@@ -443,7 +447,7 @@ def _decide(
     if claimed is None:
         return None
     if slots:
-        ledger.take_slots(claimed.pk, slots, using=using, until=lease_until)
+        ledger.take_slots(claimed.pk, slots, using=using, until=lease_until, kept=kept)
     return claimed
 
 
@@ -567,14 +571,13 @@ def _wake(keys: Sequence[str], function_id: str, *, using: str, now: dt.datetime
     if spec is None or not keys:
         return []
     woken: list[tuple[Any, str]] = []
-    locked = {fk.pk: fk for fk in _lock_by_id(keys, using=using, now=now)}
+    locked = ledger.lock_keys_by_id(keys, using=using, now=now)
     slot_until = now + dt.timedelta(seconds=lease_seconds(function_id))
     for flow_key in sorted(locked):
         limit = _limit_of(spec, locked[flow_key].kind)
         if limit is None:
             continue
-        free = limit.limit - ledger.live_slots(flow_key, using=using, now=now)
-        woken += ledger.wake(flow_key, count=free, using=using, now=now, slot_until=slot_until)
+        woken += ledger.wake(flow_key, limit=limit.limit, using=using, now=now, slot_until=slot_until)
     return woken
 
 
@@ -644,11 +647,6 @@ def sweep(*, now: dt.datetime, limit: int, using: str) -> tuple[list[tuple[Any, 
 def _held_keys(held: Any, limit: int) -> list[str]:
     """The first ``limit`` concurrency keys (FlowKey ids) the ``held`` runs wait on, in order."""
     return list(held.order_by("held_on").values_list("held_on", flat=True).distinct()[:limit])
-
-
-def _lock_by_id(keys: Sequence[str], *, using: str, now: dt.datetime) -> list[FlowKey]:
-    rows = list(FlowKey.objects.using(using).filter(pk__in=keys).values_list("function", "kind", "key"))
-    return list(ledger.lock_keys(rows, using=using, now=now).values())
 
 
 def _limit_of(spec: Function, kind: str) -> Concurrency | None:

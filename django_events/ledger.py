@@ -79,7 +79,9 @@ __all__ = [
     "live_slots",
     "lock_claimable",
     "lock_keys",
+    "lock_keys_by_id",
     "lock_open",
+    "lock_woken",
     "merge",
     "new_run",
     "new_runs",
@@ -87,6 +89,7 @@ __all__ = [
     "release_slots",
     "retry",
     "save_key",
+    "slot_counts",
     "start_now",
     "take_overdue",
     "take_slots",
@@ -151,6 +154,17 @@ def lock_keys(keys: Iterable[tuple[str, str, str]], *, using: str, now: dt.datet
     wanted = {flow_key_id(*spec): spec for spec in keys}
     if not wanted:
         return {}
+    if _use_fast(using):
+        rows = [
+            FlowKey(id=pk, function=function_id, kind=kind, key=key, updated_at=now)
+            for pk, (function_id, kind, key) in sorted(wanted.items())
+        ]
+        sql, fields = _upsert_keys_sql(using, len(rows))
+        params = [value for row in rows for value in rawsql.values(row, using, fields)]
+        with rawsql.cursor(using) as cursor:
+            cursor.execute(sql, params)
+            locked = [rawsql.load(FlowKey, using, row) for row in cursor.fetchall()]
+        return {flow_key.pk: flow_key for flow_key in locked}
     FlowKey.objects.using(using).bulk_create(
         [
             FlowKey(id=pk, function=function_id, kind=kind, key=key, updated_at=now)
@@ -161,6 +175,55 @@ def lock_keys(keys: Iterable[tuple[str, str, str]], *, using: str, now: dt.datet
     for pk in sorted(wanted):
         FlowKey.objects.using(using).filter(pk=pk).update(updated_at=now)
     return FlowKey.objects.using(using).in_bulk(sorted(wanted))
+
+
+@cache
+def _upsert_keys_sql(using: str, rows: int) -> tuple[str, list[models.Field[Any, Any]]]:
+    """Make or lock ``rows`` FlowKey rows in one statement, returning them (PostgreSQL, SQLite 3.35+).
+
+    The rows go in id order, and each is locked as it is inserted or updated (the
+    update of ``updated_at`` is what locks a row that exists), so two such
+    statements on the same keys cannot deadlock. On SQLite the statement takes the
+    database's write lock first, as the portable form's first write does.
+    """
+    insert, fields = rawsql.insert_sql(FlowKey, using, rows)
+    quote = connections[using].ops.quote_name
+    pk, updated = quote(rawsql.column(FlowKey._meta.pk)), quote("updated_at")
+    sql = (
+        f"{insert} ON CONFLICT ({pk}) DO UPDATE SET {updated} = EXCLUDED.{updated} "
+        f"RETURNING {rawsql.columns(FlowKey, using)}"
+    )
+    return sql, fields
+
+
+def lock_keys_by_id(flow_keys: Sequence[str], *, using: str, now: dt.datetime) -> dict[str, FlowKey]:
+    """Lock the existing ``FlowKey`` rows ``flow_keys`` in id order (as :func:`lock_keys`); return them."""
+    if not flow_keys:
+        return {}
+    connection = connections[using]
+    if _use_fast(using):
+        ids = sorted(set(flow_keys))
+        quote = connection.ops.quote_name
+        table, pk = quote(FlowKey._meta.db_table), quote(rawsql.column(FlowKey._meta.pk))
+        marks = ", ".join(["%s"] * len(ids))
+        if connection.vendor == "postgresql":
+            sql = (
+                f"SELECT {rawsql.columns(FlowKey, using)} FROM {table} "
+                f"WHERE {pk} IN ({marks}) ORDER BY {pk} FOR UPDATE"
+            )
+            params: list[Any] = ids
+        else:  # SQLite: a write takes the database's one write lock
+            sql = (
+                f"UPDATE {table} SET {quote('updated_at')} = %s WHERE {pk} IN ({marks}) "
+                f"RETURNING {rawsql.columns(FlowKey, using)}"
+            )
+            params = [connection.ops.adapt_datetimefield_value(now), *ids]
+        with rawsql.cursor(using) as cursor:
+            cursor.execute(sql, params)
+            locked = [rawsql.load(FlowKey, using, row) for row in cursor.fetchall()]
+        return {flow_key.pk: flow_key for flow_key in locked}
+    rows = list(FlowKey.objects.using(using).filter(pk__in=flow_keys).values_list("function", "kind", "key"))
+    return lock_keys(rows, using=using, now=now)
 
 
 #: The longest a worker waits for a lock of flow control, in seconds (PostgreSQL). Such locks are
@@ -731,10 +794,35 @@ def hold_back(
 
 def live_slots(flow_key: str, *, using: str, now: dt.datetime, besides: Any = None) -> int:
     """How many slots of the concurrency key ``flow_key`` are held now (leases not over), but ``besides``'."""
+    return slot_counts(flow_key, using=using, now=now, run_id=besides)[0]
+
+
+def slot_counts(flow_key: str, *, using: str, now: dt.datetime, run_id: Any = None) -> tuple[int, bool]:
+    """The live slots of ``flow_key`` held by runs other than ``run_id``, and whether ``run_id`` holds one.
+
+    One statement; a run holds a slot before it starts when it was woken (the slot kept for it).
+    """
+    connection = connections[using]
+    if _use_fast(using):
+        quote = connection.ops.quote_name
+        table = quote(Slot._meta.db_table)
+        run_col = quote("run_id")
+        sql = (
+            f"SELECT COUNT(*), COALESCE(SUM(CASE WHEN {run_col} = %s THEN 1 ELSE 0 END), 0) FROM {table} "
+            f"WHERE {quote('flow_key')} = %s AND {quote('lease_expires_at')} > %s"
+        )
+        run_value = (
+            None if run_id is None else Slot._meta.get_field("run_id").get_db_prep_value(run_id, connection)
+        )
+        with rawsql.cursor(using) as cursor:
+            cursor.execute(sql, [run_value, flow_key, connection.ops.adapt_datetimefield_value(now)])
+            total, own = cursor.fetchone()
+        return int(total) - int(own), bool(own)
     slots = Slot.objects.using(using).filter(flow_key=flow_key, lease_expires_at__gt=now)
-    if besides is not None:
-        slots = slots.exclude(run_id=besides)
-    return slots.count()
+    if run_id is None:
+        return slots.count(), False
+    own = slots.filter(run_id=run_id).count()
+    return slots.count() - own, bool(own)
 
 
 def lock_woken(flow_key: str, *, using: str, now: dt.datetime, besides: Any = None) -> Run | None:
@@ -753,25 +841,58 @@ def lock_woken(flow_key: str, *, using: str, now: dt.datetime, besides: Any = No
     return _locked_waiting(woken, using, skip=True)
 
 
-def take_slots(run_id: Any, flow_keys: Sequence[str], *, using: str, until: dt.datetime) -> None:
+def take_slots(
+    run_id: Any,
+    flow_keys: Sequence[str],
+    *,
+    using: str,
+    until: dt.datetime,
+    kept: Iterable[str] | None = None,
+) -> None:
     """Give run ``run_id`` a slot of each concurrency key in ``flow_keys``, held until ``until``.
 
-    A slot already kept for it (it was woken) is extended instead of doubled.
+    A slot already kept for it (it was woken) is extended instead of doubled;
+    ``kept``, if given, names those keys (else they are read).
     """
-    kept = set(
-        Slot.objects.using(using)
-        .filter(run_id=run_id, flow_key__in=flow_keys)
-        .values_list("flow_key", flat=True)
-    )
+    if kept is None:
+        kept = (
+            Slot.objects.using(using)
+            .filter(run_id=run_id, flow_key__in=flow_keys)
+            .values_list("flow_key", flat=True)
+        )
+    kept = set(kept)
     if kept:
         Slot.objects.using(using).filter(run_id=run_id, flow_key__in=kept).update(lease_expires_at=until)
+    new = [key for key in flow_keys if key not in kept]
+    if not new:
+        return
+    if _use_fast(using):
+        connection = connections[using]
+        quote = connection.ops.quote_name
+        sql = (
+            f"INSERT INTO {quote(Slot._meta.db_table)} ({quote('flow_key')}, {quote('run_id')}, "
+            f"{quote('lease_expires_at')}) VALUES {', '.join(['(%s, %s, %s)'] * len(new))}"
+        )
+        run_value = Slot._meta.get_field("run_id").get_db_prep_value(run_id, connection)
+        lease = connection.ops.adapt_datetimefield_value(until)
+        with rawsql.cursor(using) as cursor:
+            cursor.execute(sql, [value for key in new for value in (key, run_value, lease)])
+        return
     Slot.objects.using(using).bulk_create(
-        [Slot(flow_key=key, run_id=run_id, lease_expires_at=until) for key in flow_keys if key not in kept]
+        [Slot(flow_key=key, run_id=run_id, lease_expires_at=until) for key in new]
     )
 
 
 def release_slots(run_id: Any, *, using: str) -> list[str]:
     """Give back every slot run ``run_id`` holds; return their concurrency keys (FlowKey ids)."""
+    if _use_fast(using):
+        connection = connections[using]
+        quote = connection.ops.quote_name
+        table, run_col, key_col = quote(Slot._meta.db_table), quote("run_id"), quote("flow_key")
+        sql = f"DELETE FROM {table} WHERE {run_col} = %s RETURNING {key_col}"
+        with rawsql.cursor(using) as cursor:
+            cursor.execute(sql, [Slot._meta.get_field("run_id").get_db_prep_value(run_id, connection)])
+            return sorted({row[0] for row in cursor.fetchall()})
     slots = Slot.objects.using(using).filter(run_id=run_id)
     keys = sorted(set(slots.values_list("flow_key", flat=True)))
     if keys:
@@ -780,22 +901,28 @@ def release_slots(run_id: Any, *, using: str) -> list[str]:
 
 
 def wake(
-    flow_key: str, *, count: int, using: str, now: dt.datetime, slot_until: dt.datetime
+    flow_key: str, *, limit: int, using: str, now: dt.datetime, slot_until: dt.datetime
 ) -> list[tuple[Any, str]]:
-    """Wake up to ``count`` runs held on ``flow_key`` (highest priority, then oldest): ``pending``, due now.
+    """Wake as many runs held on ``flow_key`` as it has free slots of ``limit``: ``pending``, due now.
 
-    Each keeps a slot of the key until ``slot_until``, so that a run arriving
-    meanwhile does not take it. Call it inside a transaction that holds the key's
-    lock (:func:`lock_keys`) and sends the returned runs' messages.
+    Highest priority first, then oldest. Each keeps a slot of the key until
+    ``slot_until``, so that a run arriving meanwhile does not take it. Call it
+    inside a transaction that holds the key's lock (:func:`lock_keys`) and sends
+    the returned runs' messages. When no run is held, one statement (its live
+    slots counted in it): the usual case of a limit that does not bind.
     """
-    if count <= 0:
-        return []
-    held = (
-        Run.objects.using(using)
-        .filter(status=RunStatus.HELD, held_on=flow_key)
-        .order_by("-priority", "created_at", "id")
-    )
-    rows = list(_locked(held, using).values_list("pk", "function")[:count])
+    if _use_fast(using):
+        rows = _free_held_fast(flow_key, limit=limit, using=using, now=now)
+    else:
+        free = limit - live_slots(flow_key, using=using, now=now)
+        if free <= 0:
+            return []
+        held = (
+            Run.objects.using(using)
+            .filter(status=RunStatus.HELD, held_on=flow_key)
+            .order_by("-priority", "created_at", "id")
+        )
+        rows = list(_locked(held, using).values_list("pk", "function")[:free])
     if not rows:
         return []
     ids = [pk for pk, _function in rows]
@@ -806,6 +933,48 @@ def wake(
         [Slot(flow_key=flow_key, run_id=pk, lease_expires_at=slot_until) for pk in ids]
     )
     return rows
+
+
+def _free_held_fast(flow_key: str, *, limit: int, using: str, now: dt.datetime) -> list[tuple[Any, str]]:
+    """The held runs of ``flow_key`` that its free slots go to, locked: one statement."""
+    connection = connections[using]
+    with rawsql.cursor(using) as cursor:
+        cursor.execute(
+            _free_held_sql(using),
+            [flow_key, limit, flow_key, connection.ops.adapt_datetimefield_value(now)],
+        )
+        rows = cursor.fetchall()
+    pk = Run._meta.pk
+    return [(pk.to_python(run_id), function) for run_id, function in rows]
+
+
+@cache
+def _free_held_sql(using: str) -> str:
+    """``SELECT`` the next held runs of a key, as many as it has free slots, locked (skipping locked ones).
+
+    The status is written into the statement, not a parameter, so that a prepared
+    statement's generic plan can still use the partial index of held runs. The
+    slots are counted inside it: the caller already holds the key's lock, so the
+    statement's snapshot sees every slot taken or given back before.
+    """
+    connection = connections[using]
+    quote = connection.ops.quote_name
+    run, slot = quote(Run._meta.db_table), quote(Slot._meta.db_table)
+    c = {field.name: quote(rawsql.column(field)) for field in Run._meta.concrete_fields}
+    live = (
+        f"%s - (SELECT COUNT(*) FROM {slot} WHERE {quote('flow_key')} = %s "
+        f"AND {quote('lease_expires_at')} > %s)"
+    )
+    greatest = "GREATEST" if connection.vendor == "postgresql" else "MAX"
+    sql = (
+        f"SELECT {c['id']}, {c['function']} FROM {run} "
+        f"WHERE {c['status']} = '{RunStatus.HELD.value}' AND {c['held_on']} = %s "
+        f"ORDER BY {c['priority']} DESC, {c['created_at']} ASC, {c['id']} ASC "
+        f"LIMIT {greatest}({live}, 0)"
+    )
+    if connection.features.has_select_for_update_skip_locked:
+        sql += " FOR UPDATE SKIP LOCKED"
+    return sql
 
 
 def merge(run_id: Any, *, into: Any, reason: str, using: str, now: dt.datetime) -> bool:
