@@ -41,11 +41,13 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import cProfile
 import datetime as dt
 import itertools
 import json
 import os
 import platform
+import pstats
 import subprocess
 import sys
 import threading
@@ -286,8 +288,12 @@ class WaitSampler:
 # -- statements per run, in this process ------------------------------------------------------------
 
 
-def statements(case: str, runs: int, keys: int) -> dict[str, Any]:
-    """Statements, commits, WAL and time per run of ``case``'s function: one thread, no worker."""
+def statements(case: str, runs: int, keys: int, profile: bool = False) -> dict[str, Any]:
+    """Statements, commits, WAL and time per run of ``case``'s function: one thread, no worker.
+
+    With ``profile``, the runs are also profiled (cProfile) and the ledger's and flow
+    control's functions that take the most CPU, with their callees, are printed to stderr.
+    """
     from django.db import connection
 
     import django_events
@@ -309,12 +315,20 @@ def statements(case: str, runs: int, keys: int) -> dict[str, Any]:
     for run_id, function_id in runs_of[:50]:  # warm up: statement caches, the keys' rows
         execute_run(run_id, lease=660.0, function_id=function_id)
     tally = StatementTally()
+    profiler = cProfile.Profile() if profile else None
     counters_before = server_counters()
     began, cpu = time.perf_counter(), time.process_time()
     with connection.execute_wrapper(tally):
+        if profiler is not None:
+            profiler.enable()
         for run_id, function_id in runs_of[50:]:
             execute_run(run_id, lease=660.0, function_id=function_id)  # as the actor calls it
+        if profiler is not None:
+            profiler.disable()
     wall, cpu = time.perf_counter() - began, time.process_time() - cpu
+    if profiler is not None:
+        stats = pstats.Stats(profiler, stream=sys.stderr)
+        stats.sort_stats("cumulative").print_stats(r"django_events/(flow|ledger|execution)\.py", 25)
     counters_after = server_counters()
     driver.empty_queue()
     return {
@@ -417,6 +431,7 @@ def run_case(case: str, args: argparse.Namespace) -> dict[str, Any]:
         "--timeout",
         str(args.timeout),
         *(["--statements", "--statement-runs", str(args.statement_runs)] if args.statements else []),
+        *(["--profile"] if args.profile else []),
     ]
     print(f"  {case:<14} ...", end="", flush=True, file=sys.stderr)
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
@@ -430,6 +445,8 @@ def run_case(case: str, args: argparse.Namespace) -> dict[str, Any]:
             f" {figures['cpu_ms_per_run']:.2f} ms CPU per run",
             file=sys.stderr,
         )
+        if args.profile:
+            print(done.stderr, file=sys.stderr)
         return figures
     print(
         f" {figures['jobs_per_s']:,.0f} jobs/s, commits {figures.get('commit_rate_per_s', 0):,.0f}/s"
@@ -497,6 +514,7 @@ def main() -> None:
     parser.add_argument("--one", choices=list(CASES), help=argparse.SUPPRESS)
     parser.add_argument("--statements", action="store_true", help="statements per run, in this process")
     parser.add_argument("--statement-runs", type=int, default=2000)
+    parser.add_argument("--profile", action="store_true", help="with --statements: profile (to stderr)")
     args = parser.parse_args()
 
     if args.one:
@@ -506,7 +524,7 @@ def main() -> None:
 
         django.setup()
         if args.statements:
-            print(json.dumps(statements(args.one, args.statement_runs, args.keys)))
+            print(json.dumps(statements(args.one, args.statement_runs, args.keys, args.profile)))
         else:
             print(
                 json.dumps(

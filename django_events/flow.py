@@ -333,9 +333,10 @@ def claim(
     the transaction, for a run that its finish timeout ended.
     """
     with transaction.atomic(using=using):
-        ledger.bound_lock_waits(using)
         best_of = spec.id if spec.priority is not None else None
-        run = ledger.lock_claimable(run_id, using=using, now=now, ignore_due=ignore_due, best_of=best_of)
+        run = ledger.lock_claimable(
+            run_id, using=using, now=now, ignore_due=ignore_due, best_of=best_of, bound_waits=True
+        )
         if run is None:
             return None
         # The time after the locks: a start is counted when it happens, not when its worker asked.

@@ -708,7 +708,13 @@ def cancel(
 
 
 def lock_claimable(
-    run_id: Any, *, using: str, now: dt.datetime, ignore_due: bool = False, best_of: str | None = None
+    run_id: Any,
+    *,
+    using: str,
+    now: dt.datetime,
+    ignore_due: bool = False,
+    best_of: str | None = None,
+    bound_waits: bool = False,
 ) -> Run | None:
     """Lock run ``run_id`` if it is waiting and due (or ``ignore_due``), with its event; else ``None``.
 
@@ -721,21 +727,93 @@ def lock_claimable(
     takes the best due run; one whose own run waits but is not due yet takes
     nothing (``None``: its caller sends it again for later).
 
+    ``bound_waits``: also bound the transaction's lock waits (:func:`bound_lock_waits`)
+    before the first lock is waited for; on PostgreSQL inside the statement that
+    locks the run, which saves a round trip.
+
     Call it inside a transaction; then move the run with :func:`claim` or hold it
     back with :func:`hold_back`.
     """
-    claimable = Run.objects.using(using).claimable(now, ignore_due=ignore_due)
-    own = _locked_waiting(claimable.filter(pk=run_id), using, skip=False)
-    if best_of is None or ignore_due:
-        return own
-    if own is None and Run.objects.using(using).filter(pk=run_id, status__in=WAITING_STATUSES).exists():
-        return None  # early: its message is sent again for its time
-    best = _locked_waiting(
-        claimable.filter(function=best_of, priority__isnull=False).order_by("-priority", "created_at", "id"),
-        using,
-        skip=True,
+    bounded = not bound_waits
+    if _use_fast(using):
+        own, bounded_here = _lock_own_fast(
+            run_id, using=using, now=now, ignore_due=ignore_due, bound_waits=bound_waits
+        )
+        bounded = bounded or bounded_here
+        claimable = Run.objects.using(using).claimable(now, ignore_due=ignore_due)
+    else:
+        if not bounded:
+            bound_lock_waits(using)
+            bounded = True
+        claimable = Run.objects.using(using).claimable(now, ignore_due=ignore_due)
+        own = _locked_waiting(claimable.filter(pk=run_id), using, skip=False)
+    if best_of is not None and not ignore_due:
+        if own is None and Run.objects.using(using).filter(pk=run_id, status__in=WAITING_STATUSES).exists():
+            return None  # early: its message is sent again for its time
+        best = _locked_waiting(
+            claimable.filter(function=best_of, priority__isnull=False).order_by(
+                "-priority", "created_at", "id"
+            ),
+            using,
+            skip=True,
+        )
+        own = best or own
+    if own is not None and not bounded:
+        bound_lock_waits(using)
+    return own
+
+
+def _lock_own_fast(
+    run_id: Any, *, using: str, now: dt.datetime, ignore_due: bool, bound_waits: bool
+) -> tuple[Run | None, bool]:
+    """Lock waiting run ``run_id`` with its event in one statement; and whether lock waits are now bounded."""
+    connection = connections[using]
+    bound = bound_waits and connection.vendor == "postgresql"
+    params: list[Any] = [Run._meta.pk.get_db_prep_value(run_id, connection)]
+    if not ignore_due:
+        params.append(connection.ops.adapt_datetimefield_value(now))
+    if bound:
+        params.append(f"{int(LOCK_WAIT * 1000)}ms")
+    with rawsql.cursor(using) as cursor:
+        cursor.execute(_lock_own_sql(using, ignore_due, bound), params)
+        row = cursor.fetchone()
+    if row is None:
+        return None, False
+    width = len(Run._meta.concrete_fields)
+    run: Run = rawsql.load(Run, using, row[:width])
+    run.event = rawsql.load(Event, using, row[width:])
+    return run, bound
+
+
+@cache
+def _lock_own_sql(using: str, ignore_due: bool, bound_waits: bool) -> str:
+    """``SELECT`` a waiting run and its event, locking the run (PostgreSQL; SQLite has one writer).
+
+    With ``bound_waits`` the statement also sets the transaction's ``lock_timeout``:
+    the condition is evaluated on the row before the row's lock is waited for.
+    The statuses are written in, and the other conditions are written "(…) IS
+    TRUE" so that only the primary key picks the row (see :func:`_claim_sql`).
+    """
+    connection = connections[using]
+    quote = connection.ops.quote_name
+    run, event = quote(Run._meta.db_table), quote(Event._meta.db_table)
+    c = {field.name: quote(rawsql.column(field)) for field in Run._meta.concrete_fields}
+    statuses = ", ".join(f"'{status}'" for status in sorted(WAITING_STATUSES))
+    conditions = f"{run}.{c['id']} = %s AND ({run}.{c['status']} IN ({statuses})) IS TRUE"
+    if not ignore_due:
+        conditions += f" AND ({run}.{c['due_at']} <= %s) IS TRUE"
+    if bound_waits:
+        conditions += " AND set_config('lock_timeout', %s, true) IS NOT NULL"
+    event_id = quote(rawsql.column(Event._meta.pk))
+    sql = (
+        f"SELECT {rawsql.columns(Run, using, qualified=True)}, "
+        f"{rawsql.columns(Event, using, qualified=True)} "
+        f"FROM {run} INNER JOIN {event} ON {event}.{event_id} = {run}.{c['event']} "
+        f"WHERE {conditions}"
     )
-    return best or own
+    if connection.features.has_select_for_update:
+        sql += f" FOR UPDATE OF {run}"
+    return sql
 
 
 def _locked_waiting(queryset: Any, using: str, *, skip: bool) -> Run | None:
