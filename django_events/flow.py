@@ -555,9 +555,7 @@ def release(run: Run, *, using: str, now: dt.datetime) -> list[tuple[Any, str]]:
     Call it inside the transaction that records the attempt, and send the woken
     runs' messages in it (``dispatch.send_with_transaction``).
     """
-    keys = ledger.release_slots(run.pk, using=using)
-    if keys:
-        ledger.bound_lock_waits(using)
+    keys = ledger.release_slots(run.pk, using=using, bound_waits=True)
     return _wake(keys, run.function, using=using, now=now)
 
 

@@ -961,20 +961,32 @@ def take_slots(
     )
 
 
-def release_slots(run_id: Any, *, using: str) -> list[str]:
-    """Give back every slot run ``run_id`` holds; return their concurrency keys (FlowKey ids)."""
+def release_slots(run_id: Any, *, using: str, bound_waits: bool = False) -> list[str]:
+    """Give back every slot run ``run_id`` holds; return their concurrency keys (FlowKey ids).
+
+    ``bound_waits``: if it held any, also bound the transaction's lock waits
+    (:func:`bound_lock_waits`) for the keys' locks that follow; on PostgreSQL in
+    the same statement.
+    """
     if _use_fast(using):
         connection = connections[using]
         quote = connection.ops.quote_name
         table, run_col, key_col = quote(Slot._meta.db_table), quote("run_id"), quote("flow_key")
-        sql = f"DELETE FROM {table} WHERE {run_col} = %s RETURNING {key_col}"
+        params = [Slot._meta.get_field("run_id").get_db_prep_value(run_id, connection)]
+        bound = ""
+        if bound_waits and connection.vendor == "postgresql":
+            bound = " AND set_config('lock_timeout', %s, true) IS NOT NULL"
+            params.append(f"{int(LOCK_WAIT * 1000)}ms")
+        sql = f"DELETE FROM {table} WHERE {run_col} = %s{bound} RETURNING {key_col}"
         with rawsql.cursor(using) as cursor:
-            cursor.execute(sql, [Slot._meta.get_field("run_id").get_db_prep_value(run_id, connection)])
+            cursor.execute(sql, params)
             return sorted({row[0] for row in cursor.fetchall()})
     slots = Slot.objects.using(using).filter(run_id=run_id)
     keys = sorted(set(slots.values_list("flow_key", flat=True)))
     if keys:
         slots.delete()
+        if bound_waits:
+            bound_lock_waits(using)
     return keys
 
 

@@ -754,6 +754,64 @@ def test_a_claim_does_not_wait_for_ever_on_a_key_a_lost_client_holds(transaction
         other.close()
 
 
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="lock_timeout is PostgreSQL's")
+def test_a_claim_does_not_wait_for_ever_on_a_run_a_lost_client_holds(transactional_db, monkeypatch):
+    # The bound is set in the statement that locks the run, before its lock is waited for
+    monkeypatch.setattr(ledger, "LOCK_WAIT", 0.3)
+    django_events.send("flow/limited-one", {"n": 1})
+    (run,) = _runs("tests.flow_limited_one")
+    spec = registry.get_function("tests.flow_limited_one")
+    other = connection.copy()
+    try:
+        other.connect()
+        other.set_autocommit(False)
+        with other.cursor() as cursor:
+            cursor.execute("SELECT id FROM django_events_run WHERE id = %s FOR UPDATE", [run.pk])
+
+        t = now()
+        started = time.monotonic()
+        with pytest.raises(OperationalError, match="lock timeout"):
+            flow.claim(run.pk, spec, using="default", now=t, lease_until=t + dt.timedelta(seconds=60))
+        assert time.monotonic() - started < 5
+    finally:
+        other.rollback()
+        other.close()
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="lock_timeout is PostgreSQL's")
+def test_a_record_does_not_wait_for_ever_on_a_key_a_lost_client_holds(transactional_db, monkeypatch):
+    # Given a run holding a slot, and its key's row then locked by a client gone silent
+    monkeypatch.setattr(ledger, "LOCK_WAIT", 0.3)
+    django_events.send("flow/limited-one", {"n": 1})
+    (run,) = _runs("tests.flow_limited_one")
+    spec = registry.get_function("tests.flow_limited_one")
+    t = now()
+    claimed = flow.claim(run.pk, spec, using="default", now=t, lease_until=t + dt.timedelta(seconds=60))
+    assert isinstance(claimed, Run)
+    other = connection.copy()
+    try:
+        other.connect()
+        other.set_autocommit(False)
+        with other.cursor() as cursor:
+            cursor.execute(
+                "SELECT id FROM django_events_flowkey WHERE id = %s FOR UPDATE",
+                [ledger.flow_key_id(spec.id, "concurrency0", "")],
+            )
+
+        # When its attempt is recorded, the record gives up after the bound (and commits nothing:
+        # the run stays running, and its lease brings it back)
+        started = time.monotonic()
+        with pytest.raises(OperationalError, match="lock timeout"):
+            record(claimed, 1, t, "ok", None, using="default")
+        assert time.monotonic() - started < 5
+        run.refresh_from_db()
+        assert run.status == RunStatus.RUNNING
+        assert Slot.objects.filter(run_id=run.pk).count() == 1
+    finally:
+        other.rollback()
+        other.close()
+
+
 def test_a_message_whose_run_another_turn_took_runs_the_best_waiting_run(db):
     # Given three due runs of a function with a priority, and the p=0 run's message taken first
     for p in (0, 1, 9):
