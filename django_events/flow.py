@@ -351,6 +351,7 @@ def claim(
                 lease_until=lease_until,
                 ignore_due=ignore_due,
                 on_dead=on_dead,
+                taken_over=_turn > 0,
             )
             if not isinstance(outcome, _TakeOver):
                 return outcome
@@ -379,6 +380,7 @@ def _decide(
     lease_until: dt.datetime,
     ignore_due: bool,
     on_dead: Callable[[Run], None] | None,
+    taken_over: bool = False,
 ) -> Run | _HeldBack | _TakeOver | None:
     """Claim, hold back or end ``run`` (locked, waiting) under ``spec``'s flow control; see :func:`claim`.
 
@@ -388,8 +390,13 @@ def _decide(
     went to the back of the broker's queue, behind a backlog), ``run`` is held
     and this message takes the woken run instead, so that the slot is used now
     rather than when the woken run's own message comes (that message then finds
-    nothing to do). Only for a function with one concurrency limit: taking over
-    a run whose other keys differ could lock keys out of order.
+    nothing to do).
+
+    ``taken_over``: ``run`` is such a woken run. Its keys may differ from those
+    of the run held for it, except the one it was woken on, so locking them
+    could break the order every transaction locks keys in (and deadlock): they
+    are only taken if no other transaction holds them, and otherwise the woken
+    run is left as it was, for its own message.
     """
     expired = _timed_out(run, spec, now)
     if expired is not None:
@@ -405,16 +412,18 @@ def _decide(
             (spec.id, _concurrency_kind(i), _safe_key(c.key, run.event, "concurrency", spec.id))
             for i, c in enumerate(spec.concurrency)
         ]
-        ledger.lock_keys(wanted, using=using, now=now)
+        if taken_over and len(wanted) > 1:
+            if len(ledger.try_lock_keys([ledger.flow_key_id(*w) for w in wanted], using=using)) < len(wanted):
+                return HELD_BACK  # another transaction holds one: the woken run waits for its own message
+        else:
+            ledger.lock_keys(wanted, using=using, now=now)
         for c, (function_id, kind, key) in zip(spec.concurrency, wanted, strict=True):
             flow_key = ledger.flow_key_id(function_id, kind, key)
             others, own = ledger.slot_counts(flow_key, using=using, now=now, run_id=run.pk)
             if own:
                 kept.append(flow_key)
             if others >= c.limit:
-                woken = None
-                if len(spec.concurrency) == 1:
-                    woken = ledger.lock_woken(flow_key, using=using, now=now, besides=run.pk)
+                woken = ledger.lock_woken(flow_key, using=using, now=now, besides=run.pk)
                 _give_back(run, using=using, now=now)
                 ledger.hold_back(
                     run,

@@ -93,6 +93,7 @@ __all__ = [
     "start_now",
     "take_overdue",
     "take_slots",
+    "try_lock_keys",
     "wake",
 ]
 
@@ -224,6 +225,21 @@ def lock_keys_by_id(flow_keys: Sequence[str], *, using: str, now: dt.datetime) -
         return {flow_key.pk: flow_key for flow_key in locked}
     rows = list(FlowKey.objects.using(using).filter(pk__in=flow_keys).values_list("function", "kind", "key"))
     return lock_keys(rows, using=using, now=now)
+
+
+def try_lock_keys(flow_keys: Sequence[str], *, using: str) -> dict[str, FlowKey]:
+    """Lock those of the existing ``FlowKey`` rows ``flow_keys`` no other transaction holds; return them.
+
+    Never waits (``SKIP LOCKED``; rows this transaction holds already are
+    returned). On a database without it (SQLite, one writer) every row found.
+    """
+    if not flow_keys:
+        return {}
+    rows = FlowKey.objects.using(using).filter(pk__in=sorted(set(flow_keys))).order_by("pk")
+    features = connections[using].features
+    if features.has_select_for_update_skip_locked:
+        rows = rows.select_for_update(skip_locked=True)
+    return {flow_key.pk: flow_key for flow_key in rows}
 
 
 #: The longest a worker waits for a lock of flow control, in seconds (PostgreSQL). Such locks are

@@ -53,6 +53,16 @@ def limited_one(ctx: Context) -> Any:
     return _span(ctx, "limited_one")
 
 
+@django_events.function(
+    "flow/two-limits",
+    id="tests.flow_two_limits",
+    concurrency=[Concurrency(2), Concurrency(1, key="data.k")],
+    retries=5,
+)
+def two_limits(ctx: Context) -> Any:
+    return _span(ctx, "two_limits")
+
+
 @django_events.function("flow/unlimited", id="tests.flow_unlimited")
 def unlimited(ctx: Context) -> Any:
     return _span(ctx, "unlimited")

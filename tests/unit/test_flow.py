@@ -256,6 +256,114 @@ def test_a_message_takes_over_a_woken_run_through_execute_run(db):
     assert third.attempts == 0
 
 
+def _claim(run, spec):
+    t = now()
+    return flow.claim(run.pk, spec, using="default", now=t, lease_until=t + dt.timedelta(seconds=60))
+
+
+def _end(run_id):
+    run = Run.objects.select_related("event").get(pk=run_id)
+    record(run, run.attempts, now(), "ok", None, using="default")
+
+
+def test_a_function_with_two_limits_keeps_both(db):
+    # Given [Concurrency(2), Concurrency(1, key="data.k")]: a1 and b1 run
+    for key in ("a", "a", "b", "c"):
+        django_events.send("flow/two-limits", {"k": key})
+    a1, a2, b1, c1 = _runs("tests.flow_two_limits")
+    spec = registry.get_function("tests.flow_two_limits")
+    assert isinstance(_claim(a1, spec), Run)
+    assert _claim(a2, spec) is flow.HELD_BACK
+    assert isinstance(_claim(b1, spec), Run)
+    assert _claim(c1, spec) is flow.HELD_BACK
+
+    # Then a2 waits for key a, c1 for the function, each saying so; a1 and b1 hold one slot of each
+    a2.refresh_from_db()
+    c1.refresh_from_db()
+    assert a2.reason == "waiting for a concurrency slot (limit 1 for k a)"
+    assert c1.reason == "waiting for a concurrency slot (limit 2)"
+    assert Slot.objects.count() == 4
+
+    # When a1 ends, each of its slots goes to the run held on it
+    _end(a1.pk)
+    a2.refresh_from_db()
+    c1.refresh_from_db()
+    assert (a2.status, c1.status) == (RunStatus.PENDING, RunStatus.PENDING)
+
+    # Then c1 starts (the function's slot was kept for it); a2 must wait for the function's slot
+    assert isinstance(_claim(c1, spec), Run)
+    assert _claim(a2, spec) is flow.HELD_BACK
+    a2.refresh_from_db()
+    assert a2.reason == "waiting for a concurrency slot (limit 2)"
+    assert Run.objects.filter(function=spec.id, status=RunStatus.RUNNING).count() == 2
+
+    # and starts when one of the two running ends
+    _end(b1.pk)
+    a2.refresh_from_db()
+    assert a2.status == RunStatus.PENDING
+    assert isinstance(_claim(a2, spec), Run)
+
+
+def _two_limits_with_c1_woken():
+    """tests.flow_two_limits: b1 running, c1 woken (the function's slot kept for it), d1 not claimed."""
+    for key in ("a", "b", "c", "d"):
+        django_events.send("flow/two-limits", {"k": key})
+    a1, b1, c1, d1 = _runs("tests.flow_two_limits")
+    spec = registry.get_function("tests.flow_two_limits")
+    assert isinstance(_claim(a1, spec), Run)
+    assert isinstance(_claim(b1, spec), Run)
+    assert _claim(c1, spec) is flow.HELD_BACK
+    _end(a1.pk)
+    c1.refresh_from_db()
+    assert c1.status == RunStatus.PENDING
+    return spec, c1, d1
+
+
+def test_a_message_takes_over_a_woken_run_of_a_function_with_two_limits(db):
+    spec, c1, d1 = _two_limits_with_c1_woken()
+
+    # When d1's message comes before c1's
+    claimed = _claim(d1, spec)
+
+    # Then it runs c1 (with a slot of its key, c, too), and d1 waits
+    assert isinstance(claimed, Run)
+    assert claimed.pk == c1.pk
+    d1.refresh_from_db()
+    assert d1.status == RunStatus.HELD
+    assert Slot.objects.filter(run_id=c1.pk).count() == 2
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="SKIP LOCKED (SQLite has one writer)")
+def test_a_take_over_never_waits_for_the_woken_runs_other_keys(transactional_db):
+    # Given c1 woken, and its own key's row locked by another transaction
+    spec, c1, d1 = _two_limits_with_c1_woken()
+    other = connection.copy()
+    try:
+        other.connect()
+        other.set_autocommit(False)
+        with other.cursor() as cursor:
+            cursor.execute(
+                "SELECT id FROM django_events_flowkey WHERE id = %s FOR UPDATE",
+                [ledger.flow_key_id(spec.id, "concurrency1", "c")],
+            )
+
+        # When d1's message comes, it does not wait (keys locked out of order could deadlock)
+        started = time.monotonic()
+        assert _claim(d1, spec) is flow.HELD_BACK
+        assert time.monotonic() - started < 1
+
+        # Then d1 is held, and c1 is left woken, its slot kept, for its own message
+        d1.refresh_from_db()
+        c1.refresh_from_db()
+        assert d1.status == RunStatus.HELD
+        assert c1.status == RunStatus.PENDING
+        assert Slot.objects.filter(run_id=c1.pk).count() == 1
+    finally:
+        other.rollback()
+        other.close()
+    assert isinstance(_claim(c1, spec), Run)
+
+
 def test_a_slot_held_by_a_dead_worker_comes_back_when_its_lease_ends(db):
     django_events.send("flow/limited-one", {"n": 1})
     django_events.send("flow/limited-one", {"n": 2})
