@@ -72,6 +72,9 @@ CONCURRENCY_RUNS, CONCURRENCY_KEYS, CONCURRENCY_SLEEP = 1000, 50, 0.01
 #: ``tests.flow_limited``: ``Concurrency(2, key="data.k")``.
 CONCURRENCY_LIMIT = 2
 
+#: The test of two limits (``tests.flow_two_limits``: ``[Concurrency(2), Concurrency(1, key="data.k")]``).
+TWO_LIMITS_RUNS, TWO_LIMITS_KEYS = 200, 10
+
 #: The throttle test: keys, and runs of each key sent at once.
 THROTTLE_KEYS, THROTTLE_PER_KEY = 20, 8
 #: ``tests.flow_throttled``: ``Throttle(2, 1.0, key="data.k")``: one start per 0.5 s per key, burst 1.
@@ -277,6 +280,30 @@ def test_concurrency_never_exceeds_the_limit_per_key_over_1000_runs_across_50_ke
             "keys_at_the_limit": sum(1 for most in at_once.values() if most == CONCURRENCY_LIMIT),
         },
     )
+
+
+def test_two_concurrency_limits_hold_together_through_workers(workers: Workers) -> None:
+    # Given tests.flow_two_limits: [Concurrency(2), Concurrency(1, key="data.k")], and eight threads
+    keys = [f"t{i}" for i in range(TWO_LIMITS_KEYS)]
+    items = [{"k": key} for key in keys for _ in range(TWO_LIMITS_RUNS // TWO_LIMITS_KEYS)]
+    random.Random(5).shuffle(items)
+
+    # When 200 events over 10 keys are sent at once
+    django_events.send_many(
+        [{"name": "flow/two-limits", "data": {**item, "n": n, "sleep": 0.01}} for n, item in enumerate(items)]
+    )
+    peak_held = _settle("tests.flow_two_limits", TWO_LIMITS_RUNS, timeout=180)
+    workers.assert_alive()
+
+    # Then every run succeeded once; never more than 2 handlers ran at once, nor 2 of one key
+    _check_every_run_once("tests.flow_two_limits", "two_limits", TWO_LIMITS_RUNS)
+    rows = list(Span.objects.filter(function="two_limits").values_list("key", "started_at", "ended_at"))
+    assert most_at_once([(start, end) for _key, start, end in rows]) == 2
+    per_key = _by_key([(key, (start, end)) for key, start, end in rows])
+    assert {key: most_at_once(spans) for key, spans in per_key.items()} == dict.fromkeys(keys, 1)
+    assert peak_held > 0
+    assert not Run.objects.filter(status=RunStatus.HELD).exists()
+    assert not Slot.objects.exists()
 
 
 def test_throttle_starts_each_key_no_more_than_once_per_interval_and_drops_none(workers: Workers) -> None:
