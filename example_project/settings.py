@@ -19,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import django
 import environ
 from django.core.exceptions import ImproperlyConfigured
 
@@ -134,9 +135,14 @@ DJANGO_EVENTS = {
 
 # E-mail: written as files, one per message, so you can read what was "sent" --------------------
 
-EMAIL_BACKEND = "django.core.mail.backends.filebased.EmailBackend"
 # A relative path is relative to the repository; the directory is created on the first e-mail.
-EMAIL_FILE_PATH = str(BASE_DIR / env.str("EMAIL_FILE_PATH", default=str(VAR_DIR / "mail")))
+MAIL_DIR = str(BASE_DIR / env.str("EMAIL_FILE_PATH", default=str(VAR_DIR / "mail")))
+_FILE_MAIL = "django.core.mail.backends.filebased.EmailBackend"
+if django.VERSION >= (6, 1):  # MAILERS replaces EMAIL_BACKEND and EMAIL_FILE_PATH (deprecated)
+    MAILERS = {"default": {"BACKEND": _FILE_MAIL, "OPTIONS": {"file_path": MAIL_DIR}}}
+else:
+    EMAIL_BACKEND = _FILE_MAIL
+    EMAIL_FILE_PATH = MAIL_DIR
 DEFAULT_FROM_EMAIL = "Example Sources <hello@example.com>"
 
 # Internationalisation and static files -----------------------------------------------------------

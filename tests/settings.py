@@ -13,6 +13,7 @@ import os
 import re
 from pathlib import Path
 
+import django
 import environ
 
 BASE_DIR = Path(__file__).resolve().parent
@@ -109,7 +110,10 @@ DJANGO_EVENTS = {
 # this: a JSON object merged into DJANGO_EVENTS, such as {"RECOVERY_INTERVAL": 0.5, "LEASE_MARGIN": 1}.
 DJANGO_EVENTS.update(json.loads(os.environ.get("DJANGO_EVENTS_TEST_SETTINGS") or "{}"))
 
-EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
+if django.VERSION >= (6, 1):  # MAILERS replaces EMAIL_BACKEND (deprecated)
+    MAILERS = {"default": {"BACKEND": "django.core.mail.backends.locmem.EmailBackend"}}
+else:
+    EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 LOGGING = {

@@ -135,7 +135,7 @@ class Command(BaseCommand):
         self._say("Migrated the database.")
         self._ensure_admin_user()
 
-        mail_dir = Path(settings.EMAIL_FILE_PATH)
+        mail_dir = Path(settings.MAIL_DIR)
         mails_before = mail_sizes(mail_dir)
         log_path = (worker_log or default_log_dir() / "demo-worker.log").resolve()
 
