@@ -736,12 +736,16 @@ def lock_claimable(
 
     ``best_of``: the id of a function with a priority. A message is then a turn
     to run the function, and the database decides which run takes it: the
-    function's due run that goes first (highest priority, then oldest, skipping
-    runs another worker has locked). The run passed over keeps its place; the
-    message of the run taken is the turn it gets. So a message whose own run is
-    no longer waiting (another message's turn took it, or it was held) still
-    takes the best due run; one whose own run waits but is not due yet takes
-    nothing (``None``: its caller sends it again for later).
+    function's due run that goes first (highest priority, then oldest), skipping
+    runs another transaction has locked, since each of those is being taken by
+    a message of its own. The message's own run is not locked first: a run
+    locked and then passed over would be skipped by every other message in that
+    moment, and a message that found only such runs would be lost to them. The
+    run passed over keeps its place; the message of the run taken is the turn it
+    gets. So a message whose own run is no longer waiting (another message's
+    turn took it, or it was held) still takes the best due run; one whose own
+    run waits but is not due yet takes nothing (``None``: its caller sends it
+    again for later).
 
     ``bound_waits``: also bound the transaction's lock waits (:func:`bound_lock_waits`)
     before the first lock is waited for; on PostgreSQL inside the statement that
@@ -750,22 +754,13 @@ def lock_claimable(
     Call it inside a transaction; then move the run with :func:`claim` or hold it
     back with :func:`hold_back`.
     """
-    bounded = not bound_waits
-    if _use_fast(using):
-        own, bounded_here = _lock_own_fast(
-            run_id, using=using, now=now, ignore_due=ignore_due, bound_waits=bound_waits
-        )
-        bounded = bounded or bounded_here
-        claimable = Run.objects.using(using).claimable(now, ignore_due=ignore_due)
-    else:
-        if not bounded:
-            bound_lock_waits(using)
-            bounded = True
-        claimable = Run.objects.using(using).claimable(now, ignore_due=ignore_due)
-        own = _locked_waiting(claimable.filter(pk=run_id), using, skip=False)
+    claimable = Run.objects.using(using).claimable(now, ignore_due=ignore_due)
     if best_of is not None and not ignore_due:
-        if own is None and Run.objects.using(using).filter(pk=run_id, status__in=WAITING_STATUSES).exists():
-            return None  # early: its message is sent again for its time
+        early = Run.objects.using(using).filter(pk=run_id, status__in=WAITING_STATUSES, due_at__gt=now)
+        if early.exists():
+            return None  # its message is sent again for its time
+        if bound_waits:
+            bound_lock_waits(using)
         best = _locked_waiting(
             claimable.filter(function=best_of, priority__isnull=False).order_by(
                 "-priority", "created_at", "id"
@@ -773,10 +768,18 @@ def lock_claimable(
             using,
             skip=True,
         )
-        own = best or own
-    if own is not None and not bounded:
+        # A run with no priority (sent before the function had one) is only taken by its own message.
+        return best or _locked_waiting(claimable.filter(pk=run_id), using, skip=True)
+    if _use_fast(using):
+        own, bounded = _lock_own_fast(
+            run_id, using=using, now=now, ignore_due=ignore_due, bound_waits=bound_waits
+        )
+        if own is not None and bound_waits and not bounded:
+            bound_lock_waits(using)
+        return own
+    if bound_waits:
         bound_lock_waits(using)
-    return own
+    return _locked_waiting(claimable.filter(pk=run_id), using, skip=False)
 
 
 def _lock_own_fast(

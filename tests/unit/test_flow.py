@@ -866,9 +866,9 @@ def test_a_claim_does_not_wait_for_ever_on_a_key_a_lost_client_holds(transaction
 def test_a_claim_does_not_wait_for_ever_on_a_run_a_lost_client_holds(transactional_db, monkeypatch):
     # The bound is set in the statement that locks the run, before its lock is waited for
     monkeypatch.setattr(ledger, "LOCK_WAIT", 0.3)
-    django_events.send("flow/limited-one", {"n": 1})
-    (run,) = _runs("tests.flow_limited_one")
-    spec = registry.get_function("tests.flow_limited_one")
+    django_events.send("flow/limited", {"k": "a"})
+    (run,) = _runs("tests.flow_limited")
+    spec = registry.get_function("tests.flow_limited")
     other = connection.copy()
     try:
         other.connect()
@@ -915,6 +915,36 @@ def test_a_record_does_not_wait_for_ever_on_a_key_a_lost_client_holds(transactio
         run.refresh_from_db()
         assert run.status == RunStatus.RUNNING
         assert Slot.objects.filter(run_id=run.pk).count() == 1
+    finally:
+        other.rollback()
+        other.close()
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="row locks (SQLite has one writer)")
+def test_a_priority_turn_locks_only_the_run_it_takes(transactional_db):
+    # Given two due runs of a function with a priority
+    django_events.send("flow/limited-one", {"p": 0})
+    django_events.send("flow/limited-one", {"p": 9})
+    low, high = _runs("tests.flow_limited_one")
+    other = connection.copy()
+    try:
+        other.connect()
+        other.set_autocommit(False)
+        # When the low run's message takes its turn (in a transaction not yet committed)
+        with transaction.atomic():
+            taken = ledger.lock_claimable(
+                low.pk, using="default", now=now(), best_of="tests.flow_limited_one"
+            )
+            assert taken is not None
+            assert taken.pk == high.pk
+
+            # Then the low run, passed over, is not locked: another message's turn can take it now
+            # (were it locked, that message would skip it and find nothing, and be lost)
+            with other.cursor() as cursor:
+                cursor.execute(
+                    "SELECT id FROM django_events_run WHERE status = 'pending' FOR UPDATE SKIP LOCKED"
+                )
+                assert [row[0] for row in cursor.fetchall()] == [low.pk]
     finally:
         other.rollback()
         other.close()
