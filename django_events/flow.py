@@ -414,7 +414,11 @@ def _decide(
         ]
         if taken_over and len(wanted) > 1:
             if len(ledger.try_lock_keys([ledger.flow_key_id(*w) for w in wanted], using=using)) < len(wanted):
-                return HELD_BACK  # another transaction holds one: the woken run waits for its own message
+                # Another transaction holds one: the woken run waits for a message of its own. Its
+                # first may come while this transaction has it locked, and find nothing to take
+                # (with a priority): another is sent, in this transaction, for when it is unlocked.
+                dispatch.send_with_transaction([(run.pk, run.function)], using)
+                return HELD_BACK
         else:
             ledger.lock_keys(wanted, using=using, now=now)
         for c, (function_id, kind, key) in zip(spec.concurrency, wanted, strict=True):

@@ -334,9 +334,11 @@ def test_a_message_takes_over_a_woken_run_of_a_function_with_two_limits(db):
 
 
 @pytest.mark.skipif(connection.vendor != "postgresql", reason="SKIP LOCKED (SQLite has one writer)")
-def test_a_take_over_never_waits_for_the_woken_runs_other_keys(transactional_db):
+def test_a_take_over_never_waits_for_the_woken_runs_other_keys(transactional_db, monkeypatch):
     # Given c1 woken, and its own key's row locked by another transaction
     spec, c1, d1 = _two_limits_with_c1_woken()
+    sent = []
+    monkeypatch.setattr(dispatch, "send_with_transaction", lambda refs, using, **options: sent.extend(refs))
     other = connection.copy()
     try:
         other.connect()
@@ -358,6 +360,8 @@ def test_a_take_over_never_waits_for_the_woken_runs_other_keys(transactional_db)
         assert d1.status == RunStatus.HELD
         assert c1.status == RunStatus.PENDING
         assert Slot.objects.filter(run_id=c1.pk).count() == 1
+        # with a message of its own sent again (the first may have come while it was locked)
+        assert sent == [(c1.pk, spec.id)]
     finally:
         other.rollback()
         other.close()
