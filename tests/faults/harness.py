@@ -381,9 +381,10 @@ class Workers:
         dead = {p.pid: p.returncode for p in self.processes if p.poll() is not None}
         assert not dead, f"rundramatiq exited: {dead}\n{self.tail()}"
 
-    def kill_one(self) -> None:
-        """SIGKILL the oldest worker: its main process and its worker process at once, like a lost host."""
-        process = self.processes.pop(0)
+    def kill_one(self, index: int = 0) -> None:
+        """SIGKILL a worker (the oldest by default): its main process and its worker process at once,
+        like a lost host."""
+        process = self.processes.pop(index)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)  # the group leader is not reaped yet: its id is ours
         process.wait()

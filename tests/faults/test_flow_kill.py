@@ -81,29 +81,37 @@ def test_a_worker_killed_holding_concurrency_slots_loses_no_run_doubles_none_and
         ]
     )
 
-    # When the first worker runs handlers of at least two keys (so it holds two slots), all started
-    # recently, and every handler of it that ended has its outcome recorded, it is SIGKILLed with its
-    # whole process group
-    victim = fleet.processes[0]
-    victim_pids: set[int] = set()
+    # When a worker runs handlers of at least two keys (so it holds two slots), all started recently,
+    # and every handler of it that ended has its outcome recorded, it is SIGKILLed with its whole
+    # process group. (Which worker gets to that depends on who takes the messages: a message that
+    # finds its key full runs the run a slot was kept for, so one worker may run them all.)
+    pids_of: dict[int, set[int]] = defaultdict(set)
+    victim = -1
 
     def holding_slots() -> bool:
-        """the first worker runs two handlers or more, all young, none ended and unrecorded"""
-        victim_pids.update(child_pids(victim.pid))
-        spans = list(
-            Span.objects.filter(function=SPAN, pid__in=victim_pids).values_list("started_at", "ended_at")
-        )
-        running = [start for start, end in spans if end is None]
-        ended = sum(1 for _start, end in spans if end is not None)
-        recorded = Attempt.objects.filter(
-            run__function=FUNCTION, worker_pid__in=victim_pids, outcome=AttemptOutcome.SUCCEEDED
-        ).count()
-        young = all(timezone.now() - start < YOUNG for start in running)
-        return len(running) >= 2 and young and ended == recorded
+        """a worker runs two handlers or more, all young, none ended and unrecorded"""
+        nonlocal victim
+        for index, process in enumerate(fleet.processes):
+            pids = pids_of[index]
+            pids.update(child_pids(process.pid))
+            spans = list(
+                Span.objects.filter(function=SPAN, pid__in=pids).values_list("started_at", "ended_at")
+            )
+            running = [start for start, end in spans if end is None]
+            ended = sum(1 for _start, end in spans if end is not None)
+            recorded = Attempt.objects.filter(
+                run__function=FUNCTION, worker_pid__in=pids, outcome=AttemptOutcome.SUCCEEDED
+            ).count()
+            young = all(timezone.now() - start < YOUNG for start in running)
+            if len(running) >= 2 and young and ended == recorded:
+                victim = index
+                return True
+        return False
 
     wait_until(holding_slots, timeout=patience(60), what=holding_slots.__doc__ or "", describe=fleet.tail)
+    victim_pids = pids_of[victim]
     kill_sent = timezone.now()
-    fleet.kill_one()
+    fleet.kill_one(victim)
     killed_at = timezone.now()  # the victim is dead by now: its spans end here at the latest
 
     # Then the other worker finishes every run
