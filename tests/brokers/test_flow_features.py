@@ -465,8 +465,8 @@ def test_concurrent_senders_put_every_event_in_exactly_one_batch(cluster: Cluste
 
 
 def test_a_backlog_behind_a_concurrency_limit_starts_in_priority_then_arrival_order(cluster: Cluster) -> None:
-    # Given a run of the concurrency-1 function running for 3 s
-    blocker = run_of(django_events.send("flow/limited-one", {"n": 0, "p": 0, "sleep": 3}))
+    # Given a run of the concurrency-1 function running for 5 s
+    blocker = run_of(django_events.send("flow/limited-one", {"n": 0, "p": 0, "sleep": 5}))
     wait_started(blocker)
 
     # When seven more come one after the other, of various priorities
@@ -479,9 +479,10 @@ def test_a_backlog_behind_a_concurrency_limit_starts_in_priority_then_arrival_or
         held = Run.objects.filter(function="tests.flow_limited_one", status=RunStatus.HELD)
         return held.count() == len(priorities)
 
+    # (within 4 s: less than recovery's grace of 5 s, so a message lost on the way fails this)
     wait_until(
         all_held,
-        timeout=2,
+        timeout=4,
         what="the backlog is held while the first run runs",
         describe=lambda: statuses("tests.flow_limited_one"),
     )
