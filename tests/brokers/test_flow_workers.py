@@ -29,7 +29,10 @@ Throttle tolerances (what the assertions allow, and why):
   out (``FlowKey.tat`` less one interval): the broker's delay precision (a delayed Redis
   message is moved to the queue by a worker's consumer thread; a delayed database-broker row
   becomes visible to the next poll) plus the wait for a free thread: measured up to 1.2 s
-  with Redis, 0.64 s with the database broker.
+  with Redis, 0.64 s with the database broker on this machine, and 2.6 s (p50 1.85 s) on
+  CI with Redis and SQLite (the run of 2026-11-29 20:46, whose CI failed on the 2 s then
+  allowed). The bound stays under recovery's grace (``RECOVERY_GRACE``, 5 s): a throttled
+  run whose message was lost, and that only recovery sends again, still fails the test.
 
 The figures measured are printed (``pytest -s``) and kept in ``var/faults/``; the throttle's
 include the turns each key handed out (a run that comes back before the starts allow gets a
@@ -84,7 +87,7 @@ CLOCK_SLACK = 0.001
 #: How much closer than the interval two handler starts of a key may be (see the module docstring).
 HANDLER_SLACK = 0.3
 #: How long after its key's last turn the last run of a key may start (see the module docstring).
-LATE_SLACK = 2.0
+LATE_SLACK = 4.0
 CLAIM_WINDOW = THROTTLE_INTERVAL - CLOCK_SLACK
 HANDLER_WINDOW = THROTTLE_INTERVAL - HANDLER_SLACK
 
