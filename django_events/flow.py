@@ -428,8 +428,7 @@ def _decide(
                 kept.append(flow_key)
             if others >= c.limit:
                 woken = ledger.lock_woken(flow_key, using=using, now=now, besides=run.pk)
-                _give_back(run, using=using, now=now)
-                ledger.hold_back(
+                _hold(
                     run,
                     RunStatus.HELD,
                     using=using,
@@ -444,8 +443,7 @@ def _decide(
         # The claim's time is the one the throttle counted (after the key's lock).
         now, lease_until = counted, lease_until + (counted - now)
         if turn is not None:
-            _give_back(run, using=using, now=now)
-            ledger.hold_back(
+            _hold(
                 run,
                 RunStatus.THROTTLED,
                 using=using,
@@ -570,6 +568,13 @@ def release(run: Run, *, using: str, now: dt.datetime) -> list[tuple[Any, str]]:
     """
     keys = ledger.release_slots(run.pk, using=using, bound_waits=True)
     return _wake(keys, run.function, using=using, now=now)
+
+
+def _hold(run: Run, to: str, *, using: str, now: dt.datetime, reason: str, **where: Any) -> None:
+    """Hold ``run`` back (``held`` or ``throttled``: :func:`ledger.hold_back`), giving back first any
+    slot kept for it."""
+    _give_back(run, using=using, now=now)
+    ledger.hold_back(run, to, using=using, now=now, reason=reason, **where)
 
 
 def _give_back(run: Run, *, using: str, now: dt.datetime) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import itertools
 import time
@@ -36,6 +37,22 @@ from django_events.testing import advance, now, run_all, run_due
 from tests.testapp.models import Span
 
 pytestmark = pytest.mark.usefixtures("ledger_form")
+
+
+@contextlib.contextmanager
+def _another_transaction(sql, params):
+    """Run ``sql`` in a transaction of another connection (a worker elsewhere, or a client gone
+    silent), kept open, with its locks, until the block ends; then roll it back."""
+    other = connection.copy()
+    try:
+        other.connect()
+        other.set_autocommit(False)
+        with other.cursor() as cursor:
+            cursor.execute(sql, params)
+        yield other
+    finally:
+        other.rollback()
+        other.close()
 
 
 def _runs(function: str) -> list[Run]:
@@ -339,16 +356,10 @@ def test_a_take_over_never_waits_for_the_woken_runs_other_keys(transactional_db,
     spec, c1, d1 = _two_limits_with_c1_woken()
     sent = []
     monkeypatch.setattr(dispatch, "send_with_transaction", lambda refs, using, **options: sent.extend(refs))
-    other = connection.copy()
-    try:
-        other.connect()
-        other.set_autocommit(False)
-        with other.cursor() as cursor:
-            cursor.execute(
-                "SELECT id FROM django_events_flowkey WHERE id = %s FOR UPDATE",
-                [ledger.flow_key_id(spec.id, "concurrency1", "c")],
-            )
-
+    with _another_transaction(
+        "SELECT id FROM django_events_flowkey WHERE id = %s FOR UPDATE",
+        [ledger.flow_key_id(spec.id, "concurrency1", "c")],
+    ):
         # When d1's message comes, it does not wait (keys locked out of order could deadlock)
         started = time.monotonic()
         assert _claim(d1, spec) is flow.HELD_BACK
@@ -362,9 +373,6 @@ def test_a_take_over_never_waits_for_the_woken_runs_other_keys(transactional_db,
         assert Slot.objects.filter(run_id=c1.pk).count() == 1
         # with a message of its own sent again (the first may have come while it was locked)
         assert sent == [(c1.pk, spec.id)]
-    finally:
-        other.rollback()
-        other.close()
     assert isinstance(_claim(c1, spec), Run)
 
 
@@ -840,17 +848,11 @@ def test_a_claim_does_not_wait_for_ever_on_a_key_a_lost_client_holds(transaction
     (run,) = _runs("tests.flow_limited_one")
     spec = registry.get_function("tests.flow_limited_one")
     key = ledger.flow_key_id(spec.id, "concurrency0", "")
-    other = connection.copy()
-    try:
-        other.connect()
-        other.set_autocommit(False)
-        with other.cursor() as cursor:
-            cursor.execute(
-                "INSERT INTO django_events_flowkey (id, function, kind, key, size, updated_at) "
-                "VALUES (%s, %s, 'concurrency0', '', 0, now())",
-                [key, spec.id],
-            )
-
+    with _another_transaction(
+        "INSERT INTO django_events_flowkey (id, function, kind, key, size, updated_at) "
+        "VALUES (%s, %s, 'concurrency0', '', 0, now())",
+        [key, spec.id],
+    ):
         # When a worker claims a run of that key
         t = now()
         started = time.monotonic()
@@ -861,9 +863,6 @@ def test_a_claim_does_not_wait_for_ever_on_a_key_a_lost_client_holds(transaction
         assert time.monotonic() - started < 5
         run.refresh_from_db()
         assert run.status == RunStatus.PENDING
-    finally:
-        other.rollback()
-        other.close()
 
 
 @pytest.mark.skipif(connection.vendor != "postgresql", reason="lock_timeout is PostgreSQL's")
@@ -873,21 +872,12 @@ def test_a_claim_does_not_wait_for_ever_on_a_run_a_lost_client_holds(transaction
     django_events.send("flow/limited", {"k": "a"})
     (run,) = _runs("tests.flow_limited")
     spec = registry.get_function("tests.flow_limited")
-    other = connection.copy()
-    try:
-        other.connect()
-        other.set_autocommit(False)
-        with other.cursor() as cursor:
-            cursor.execute("SELECT id FROM django_events_run WHERE id = %s FOR UPDATE", [run.pk])
-
+    with _another_transaction("SELECT id FROM django_events_run WHERE id = %s FOR UPDATE", [run.pk]):
         t = now()
         started = time.monotonic()
         with pytest.raises(OperationalError, match="lock timeout"):
             flow.claim(run.pk, spec, using="default", now=t, lease_until=t + dt.timedelta(seconds=60))
         assert time.monotonic() - started < 5
-    finally:
-        other.rollback()
-        other.close()
 
 
 @pytest.mark.skipif(connection.vendor != "postgresql", reason="lock_timeout is PostgreSQL's")
@@ -900,16 +890,10 @@ def test_a_record_does_not_wait_for_ever_on_a_key_a_lost_client_holds(transactio
     t = now()
     claimed = flow.claim(run.pk, spec, using="default", now=t, lease_until=t + dt.timedelta(seconds=60))
     assert isinstance(claimed, Run)
-    other = connection.copy()
-    try:
-        other.connect()
-        other.set_autocommit(False)
-        with other.cursor() as cursor:
-            cursor.execute(
-                "SELECT id FROM django_events_flowkey WHERE id = %s FOR UPDATE",
-                [ledger.flow_key_id(spec.id, "concurrency0", "")],
-            )
-
+    with _another_transaction(
+        "SELECT id FROM django_events_flowkey WHERE id = %s FOR UPDATE",
+        [ledger.flow_key_id(spec.id, "concurrency0", "")],
+    ):
         # When its attempt is recorded, the record gives up after the bound (and commits nothing:
         # the run stays running, and its lease brings it back)
         started = time.monotonic()
@@ -919,9 +903,6 @@ def test_a_record_does_not_wait_for_ever_on_a_key_a_lost_client_holds(transactio
         run.refresh_from_db()
         assert run.status == RunStatus.RUNNING
         assert Slot.objects.filter(run_id=run.pk).count() == 1
-    finally:
-        other.rollback()
-        other.close()
 
 
 @pytest.mark.skipif(connection.vendor != "postgresql", reason="row locks (SQLite has one writer)")
@@ -930,28 +911,17 @@ def test_a_priority_turn_locks_only_the_run_it_takes(transactional_db):
     django_events.send("flow/limited-one", {"p": 0})
     django_events.send("flow/limited-one", {"p": 9})
     low, high = _runs("tests.flow_limited_one")
-    other = connection.copy()
-    try:
-        other.connect()
-        other.set_autocommit(False)
-        # When the low run's message takes its turn (in a transaction not yet committed)
-        with transaction.atomic():
-            taken = ledger.lock_claimable(
-                low.pk, using="default", now=now(), best_of="tests.flow_limited_one"
-            )
-            assert taken is not None
-            assert taken.pk == high.pk
+    # When the low run's message takes its turn (in a transaction not yet committed)
+    with _another_transaction("SELECT 1", []) as other, transaction.atomic():
+        taken = ledger.lock_claimable(low.pk, using="default", now=now(), best_of="tests.flow_limited_one")
+        assert taken is not None
+        assert taken.pk == high.pk
 
-            # Then the low run, passed over, is not locked: another message's turn can take it now
-            # (were it locked, that message would skip it and find nothing, and be lost)
-            with other.cursor() as cursor:
-                cursor.execute(
-                    "SELECT id FROM django_events_run WHERE status = 'pending' FOR UPDATE SKIP LOCKED"
-                )
-                assert [row[0] for row in cursor.fetchall()] == [low.pk]
-    finally:
-        other.rollback()
-        other.close()
+        # Then the low run, passed over, is not locked: another message's turn can take it now
+        # (were it locked, that message would skip it and find nothing, and be lost)
+        with other.cursor() as cursor:
+            cursor.execute("SELECT id FROM django_events_run WHERE status = 'pending' FOR UPDATE SKIP LOCKED")
+            assert [row[0] for row in cursor.fetchall()] == [low.pk]
 
 
 def test_a_message_whose_run_another_turn_took_runs_the_best_waiting_run(db):
