@@ -503,9 +503,16 @@ def _dead_before_attempt(run: Run) -> None:
     """Log and signal a run that flow control ended before its next attempt (its ``Timeouts.finish``)."""
     logger.error("Run %s of %s for %s is dead: %s.", run.pk, run.function, run.event_name, run.reason)
     last = Attempt.objects.filter(run_id=run.pk).order_by("-number").first()
-    responses = signals.run_dead.send_robust(
-        sender=Run, run=run, attempt=last, exception=RunTimedOutError(run.reason)
+    _log_failed_receivers(
+        run,
+        signals.run_dead.send_robust(
+            sender=Run, run=run, attempt=last, exception=RunTimedOutError(run.reason)
+        ),
     )
+
+
+def _log_failed_receivers(run: Run, responses: list[tuple[Any, Any]]) -> None:
+    """Log each signal receiver that raised (``send_robust`` returns what it raised)."""
     for receiver, response in responses:
         if isinstance(response, Exception):
             logger.error(
@@ -564,14 +571,7 @@ def _send_signals(
                 )
             )
     for _signal, responses in sent:
-        for receiver, response in responses:
-            if isinstance(response, Exception):
-                logger.error(
-                    "A signal receiver %r failed for run %s.",
-                    receiver,
-                    run.pk,
-                    exc_info=(type(response), response, response.__traceback__),
-                )
+        _log_failed_receivers(run, responses)
 
 
 def _log_outcome(run: Run, attempt_row: Attempt, execution: Execution) -> None:
