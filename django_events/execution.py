@@ -217,17 +217,37 @@ def _not_claimed(run_id: uuid.UUID, *, using: str, now: dt.datetime, ignore_due:
     if run.status in WAITING_STATUSES and run.due_at and run.due_at > now and not ignore_due:
         # Early: a duplicate message, or a delayed one cut short by the broker's maximum delay.
         if enqueue:
-            try:
-                dispatch.send_now([(run.pk, run.function)], delay=(run.due_at - now).total_seconds())
-            except Exception:
-                logger.exception(
-                    "Could not enqueue run %s of %s; it stays %s in the database.",
-                    run.pk,
-                    run.function,
-                    run.status,
-                )
+            _send_again(run, delay=(run.due_at - now).total_seconds())
         return
+    spec = get_function(run.function)
+    if enqueue and not ignore_due and spec is not None and spec.priority is not None:
+        # A turn of a function with a priority finds no run when every due one is locked by
+        # another message's transaction (each taking its own). Should one of them be left waiting,
+        # this turn must not be lost: sent again shortly while due runs of the function wait.
+        waiting = (
+            Run.objects.using(using)
+            .filter(function=run.function, priority__isnull=False)
+            .claimable(clock.now())
+        )
+        if waiting.exists():
+            logger.debug("Turn of %s sent again: its due runs were all being taken.", run.function)
+            _send_again(run, delay=TURN_AGAIN)
+            return
     logger.debug("Skipped run %s (%s): not claimable.", run.pk, run.status)
+
+
+#: Seconds after which a turn of a function with a priority that found every due run locked is
+#: sent again (see :func:`_not_claimed`): long enough for the transactions holding them to end.
+TURN_AGAIN = 0.2
+
+
+def _send_again(run: Run, *, delay: float) -> None:
+    try:
+        dispatch.send_now([(run.pk, run.function)], delay=delay)
+    except Exception:
+        logger.exception(
+            "Could not enqueue run %s of %s; it stays %s in the database.", run.pk, run.function, run.status
+        )
 
 
 def _call(run: Run, attempt: int, log: logging.LoggerAdapter[logging.Logger]) -> tuple[Any, Failure | None]:

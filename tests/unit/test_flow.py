@@ -30,7 +30,7 @@ from django_events import (
     signals,
 )
 from django_events.control import cancel_runs
-from django_events.execution import execute_run, record
+from django_events.execution import TURN_AGAIN, execute_run, record
 from django_events.models import Event, FlowKey, Run, RunStatus, Slot
 from django_events.recovery import recover
 from django_events.testing import advance, now, run_all, run_due
@@ -922,6 +922,25 @@ def test_a_priority_turn_locks_only_the_run_it_takes(transactional_db):
         with other.cursor() as cursor:
             cursor.execute("SELECT id FROM django_events_run WHERE status = 'pending' FOR UPDATE SKIP LOCKED")
             assert [row[0] for row in cursor.fetchall()] == [low.pk]
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="row locks (SQLite has one writer)")
+def test_a_priority_turn_that_finds_every_due_run_locked_is_sent_again(transactional_db, monkeypatch):
+    # Given two due runs of a function with a priority, both locked by other transactions
+    django_events.send("flow/limited-one", {"p": 0})
+    django_events.send("flow/limited-one", {"p": 9})
+    low, high = _runs("tests.flow_limited_one")
+    sent = []
+    monkeypatch.setattr(dispatch, "send_now", lambda refs, delay=None: sent.append((list(refs), delay)))
+
+    with _another_transaction(
+        "SELECT id FROM django_events_run WHERE id IN (%s, %s) FOR UPDATE", [low.pk, high.pk]
+    ):
+        # When the low run's message comes, it takes nothing
+        assert execute_run(low.pk).value == "skipped"
+
+    # Then the turn is sent again shortly, not dropped
+    assert sent == [([(low.pk, "tests.flow_limited_one")], TURN_AGAIN)]
 
 
 def test_a_message_whose_run_another_turn_took_runs_the_best_waiting_run(db):
