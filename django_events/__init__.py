@@ -17,6 +17,9 @@ from typing import TYPE_CHECKING, Any
 from .exceptions import (
     DjangoEventsError,
     EventValidationError,
+    InvokeFailedError,
+    InvokeTimeoutError,
+    NonDeterminismError,
     NonRetriableError,
     RetryAfterError,
 )
@@ -34,6 +37,9 @@ __all__ = [
     "Debounce",
     "DjangoEventsError",
     "EventValidationError",
+    "InvokeFailedError",
+    "InvokeTimeoutError",
+    "NonDeterminismError",
     "NonRetriableError",
     "RateLimit",
     "RetryAfterError",

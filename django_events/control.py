@@ -15,7 +15,7 @@ from typing import Any
 import dramatiq
 from django.db import connections, router, transaction
 
-from . import clock, dispatch, ledger
+from . import clock, dispatch, ledger, waits
 from .broker import DatabaseBroker
 from .models import Event, QueuedMessage, QueuedMessageState, Run
 
@@ -58,7 +58,11 @@ def cancel_runs(run_ids: Iterable[Any]) -> Outcome:
     Running and final runs are skipped.
     """
     ids = list(dict.fromkeys(run_ids))
-    done = ledger.cancel(ids, using=router.db_for_write(Run), now=clock.now())
+    using, now = router.db_for_write(Run), clock.now()
+    with transaction.atomic(using=using):
+        done = ledger.cancel(ids, using=using, now=now)
+        if done:
+            waits.invoked_ended_ids(ids, using=using, now=now)  # callers of a cancelled invoke go on
     return Outcome(done=done, skipped=len(ids) - done)
 
 

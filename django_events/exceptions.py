@@ -12,6 +12,9 @@ __all__ = [
     "DuplicateFunctionError",
     "EventValidationError",
     "FunctionNotFoundError",
+    "InvokeFailedError",
+    "InvokeTimeoutError",
+    "NonDeterminismError",
     "NonRetriableError",
     "ResultNotSerializableError",
     "RetryAfterError",
@@ -76,3 +79,26 @@ class RetryAfterError(DjangoEventsError):
             )
         self.seconds = min(float(seconds), self.MAX_SECONDS)
         super().__init__(message or f"retry requested in {self.seconds:g}s")
+
+
+class NonDeterminismError(NonRetriableError):
+    """Raised at a step when a replay meets steps in another order than the one recorded.
+
+    The run goes dead (a retry would meet the same code): deploy code whose steps
+    come in the recorded order, then retry it from the admin.
+    """
+
+
+class InvokeFailedError(NonRetriableError):
+    """Raised at a ``step.invoke`` whose run went dead, was cancelled or skipped; ``run_id`` is that run.
+
+    Uncaught, it sends the calling run to ``dead`` (retrying would raise it again).
+    """
+
+    def __init__(self, message: str, run_id: str = "") -> None:
+        super().__init__(message)
+        self.run_id = run_id
+
+
+class InvokeTimeoutError(InvokeFailedError):
+    """Raised at a ``step.invoke`` whose run did not end within the step's ``timeout``."""

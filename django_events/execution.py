@@ -11,24 +11,22 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import enum
-import json
 import logging
 import math
 import os
 import random
 import socket
-import traceback
 import uuid
 from collections.abc import MutableMapping
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
-from django.db import DatabaseError, connections, router, transaction
+from django.db import DatabaseError, IntegrityError, connections, router, transaction
 from dramatiq.middleware.shutdown import Shutdown
 from dramatiq.middleware.time_limit import TimeLimitExceeded
 
-from . import clock, dispatch, flow, ledger, signals
+from . import clock, dispatch, flow, ledger, signals, waits
 from .conf import get_settings
 from .exceptions import (
     FunctionNotFoundError,
@@ -37,10 +35,12 @@ from .exceptions import (
     RetryAfterError,
     RunTimedOutError,
 )
-from .models import WAITING_STATUSES, Attempt, AttemptOutcome, Run, RunStatus
+from .models import FINAL_STATUSES, WAITING_STATUSES, Attempt, AttemptOutcome, Run, RunStatus
 from .registry import Context, controls_start, get_function, has_concurrency, lease_seconds
 from .sending import send
-from .text import clip, short_repr, storable, storable_json
+from .steps import Steps, Suspend, Suspension, store_suspension
+from .text import clip, short_repr, storable
+from .values import exc_type_name, json_result, safe_str, traceback_text
 
 __all__ = [
     "RUN_DEAD_EVENT",
@@ -72,6 +72,10 @@ class Execution(enum.Enum):
     SKIPPED = "skipped"
     #: Executed, but another worker took the run over meanwhile; its outcome was not recorded.
     STALE = "stale"
+    #: Left the worker at a ``step.sleep``.
+    SLEEPING = "sleeping"
+    #: Left the worker at a ``step.wait_for_event`` or a ``step.invoke``.
+    WAITING = "waiting"
 
 
 @dataclass(frozen=True)
@@ -267,9 +271,12 @@ def _call(run: Run, attempt: int, log: logging.LoggerAdapter[logging.Logger]) ->
         function_id=run.function,
         logger=log,
         events=flow.batch_events(run) if spec.batch is not None else [run.event],
+        step=Steps(run, attempt, using=run._state.db or router.db_for_write(Run)),
     )
     try:
-        return _json_result(spec.fn(ctx)), None
+        return json_result(spec.fn(ctx)), None
+    except Suspend as suspend:
+        return suspend.suspension, None
     except Shutdown as exc:
         # The worker is stopping (ShutdownNotifications): put the run back, due at once.
         return None, Failure(exc, AttemptOutcome.INTERRUPTED, 0.0, refund=True)
@@ -277,22 +284,6 @@ def _call(run: Run, attempt: int, log: logging.LoggerAdapter[logging.Logger]) ->
         # Exceptions, time limits, and any other BaseException: Dramatiq's worker thread catches
         # those and carries on, so the run must not be left running.
         return None, classify(exc, attempt, run.max_attempts)
-
-
-def _json_result(value: Any) -> Any:
-    """``value`` as the database will store it (JSON), with what no database accepts replaced."""
-    try:
-        text = json.dumps(value, allow_nan=False, ensure_ascii=False)
-    except (TypeError, ValueError, RecursionError) as exc:
-        raise ResultNotSerializableError(
-            f"The function returned a value that JSON cannot hold ({type(value).__name__}): "
-            f"{_safe_str(exc)}. Return JSON-serialisable data (dicts, lists, strings, numbers, "
-            "booleans, None)."
-        ) from exc
-    clean = storable_json(text)
-    if clean != text:
-        logger.warning("A result held NUL characters or lone surrogates; they are stored as U+FFFD.")
-    return json.loads(clean)
 
 
 def classify(exc: BaseException, attempt: int, max_attempts: int) -> Failure:
@@ -306,28 +297,6 @@ def classify(exc: BaseException, attempt: int, max_attempts: int) -> Failure:
         if isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds >= 0:
             return Failure(exc, outcome, min(float(seconds), RetryAfterError.MAX_SECONDS))
     return Failure(exc, outcome, backoff_delay(attempt))
-
-
-def _exc_type(exc: BaseException) -> str:
-    cls = type(exc)
-    name = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
-    return storable(name)[:255]
-
-
-def _safe_str(exc: BaseException) -> str:
-    """``str(exc)``, or what to say instead when that raises."""
-    try:
-        return str(exc)
-    except Exception as error:
-        return f"<str() of this {type(exc).__name__} raised {type(error).__name__}>"
-
-
-def _traceback_text(exc: BaseException) -> str:
-    try:
-        return "".join(traceback.format_exception(exc))
-    except Exception as error:  # a broken exception chain, say: keep what can be had
-        frames = "".join(traceback.format_tb(exc.__traceback__))
-        return f"{frames}<the traceback could not be formatted in full: {type(error).__name__}>"
 
 
 #: The most characters of an exception's message, and of its traceback, kept on an attempt
@@ -363,6 +332,8 @@ def record(
     changed (the attempt is still kept in the history if its number is free) and
     ``Execution.STALE`` is returned.
     """
+    if isinstance(result, Suspension):
+        return _suspend(run, attempt, started, result, using=using, enqueue=enqueue)
     finished = clock.now()
     attempt_row = Attempt(
         run_id=run.pk,
@@ -436,13 +407,13 @@ class _Outcome:
         if failure is None:
             return cls(RunStatus.SUCCEEDED, AttemptOutcome.SUCCEEDED, result=result)
         exc = failure.exc
-        message = _safe_str(exc) or _DEFAULT_MESSAGES.get(failure.outcome, "")
+        message = safe_str(exc) or _DEFAULT_MESSAGES.get(failure.outcome, "")
         return cls(
             RunStatus.DEAD if failure.retry_in is None else RunStatus.RETRYING,
             failure.outcome,
-            exc_type=_exc_type(exc),
+            exc_type=exc_type_name(exc),
             message=clip(storable(message), MESSAGE_LENGTH),
-            traceback=clip(storable(_traceback_text(exc)), TRACEBACK_LENGTH),
+            traceback=clip(storable(traceback_text(exc)), TRACEBACK_LENGTH),
             due_at=None if failure.retry_in is None else finished + dt.timedelta(seconds=failure.retry_in),
             refund=failure.refund,
         )
@@ -480,7 +451,12 @@ def _store(run: Run, attempt_row: Attempt, outcome: _Outcome, *, using: str, enq
         outcome.traceback,
     )
     limited = has_concurrency(run.function)
-    if outcome.to == RunStatus.SUCCEEDED and not limited and not connections[using].in_atomic_block:
+    if (
+        outcome.to == RunStatus.SUCCEEDED
+        and not limited
+        and run.parent is None
+        and not connections[using].in_atomic_block
+    ):
         # The common case: one statement in autocommit, nothing else to write with it.
         return ledger.record(run, attempt_row, outcome.to, using=using, result=outcome.result)
     with transaction.atomic(using=using):  # a savepoint, inside a caller's transaction
@@ -503,7 +479,60 @@ def _store(run: Run, attempt_row: Attempt, outcome: _Outcome, *, using: str, enq
             # Its concurrency slots go to the runs held on them, in this transaction.
             woken = flow.release(run, using=using, now=attempt_row.finished_at)
             dispatch.send_with_transaction(woken, using)
+        if moved and run.parent is not None and outcome.to in FINAL_STATUSES:
+            waits.invoked_ended([run], using=using, now=attempt_row.finished_at)
     return moved
+
+
+def _suspend(
+    run: Run, attempt: int, started: dt.datetime, suspension: Suspension, *, using: str, enqueue: bool
+) -> Execution:
+    """Record that attempt ``attempt`` left the worker at a sleep, a wait or an invoke.
+
+    One transaction: the sleep's step row (or the wait's, locked and checked), the
+    run's move to ``sleeping`` / ``waiting`` with its attempt given back, the
+    message that wakes it at its time, and its concurrency slots' release.
+    """
+    finished = clock.now()
+    attempt_row = Attempt(
+        run_id=run.pk,
+        number=attempt,
+        started_at=started,
+        finished_at=finished,
+        worker_host=_hostname(),
+        worker_pid=os.getpid(),
+        outcome=AttemptOutcome.SUSPENDED,
+        message=clip(storable(suspension.describe()), MESSAGE_LENGTH),
+    )
+    try:
+        with transaction.atomic(using=using):
+            due_at = store_suspension(run, suspension, using=using, now=finished)
+            moved = ledger.record(
+                run, attempt_row, suspension.status, using=using, due_at=due_at, refund=True
+            )
+            if not moved:
+                transaction.set_rollback(True, using=using)  # the sleep's row goes too
+            else:
+                if due_at is not None and enqueue:
+                    delay = max(0.0, (due_at - finished).total_seconds())
+                    dispatch.send_with_transaction([(run.pk, run.function)], using, delay=delay or None)
+                if has_concurrency(run.function):
+                    dispatch.send_with_transaction(flow.release(run, using=using, now=finished), using)
+    except (DatabaseError, IntegrityError) as error:
+        logger.exception("Run %s of %s: could not record that it left the worker.", run.pk, run.function)
+        failure = classify(error, attempt, run.max_attempts)
+        return record(run, attempt, started, None, failure, using=using, enqueue=enqueue)
+    if not moved:
+        ledger.keep_stale_attempt(attempt_row, using)
+        logger.warning(
+            "Run %s of %s: attempt %d left the worker after another worker took the run over.",
+            run.pk,
+            run.function,
+            attempt,
+        )
+        return Execution.STALE
+    logger.info("Run %s of %s for %s is %s.", run.pk, run.function, run.event_name, suspension.describe())
+    return Execution.SLEEPING if suspension.status == RunStatus.SLEEPING else Execution.WAITING
 
 
 _DEFAULT_MESSAGES: dict[str, str] = {

@@ -25,7 +25,7 @@ from typing import Any
 from django.db import transaction
 from django.db.models import Count, Q
 
-from . import clock, dispatch, ledger
+from . import clock, dispatch, ledger, waits
 from .models import Event, FlowKey, Run, RunStatus, Slot
 from .options import Concurrency, KeySpec, as_seconds, describe_key, key_of
 from .registry import (
@@ -175,13 +175,16 @@ def cancel_matching(event: Event, *, using: str, now: dt.datetime) -> int:
             if _cancels(cancel.match, cancel.if_, event, run.event, spec.id):
                 ids.append(run.pk)
         if ids:
-            cancelled += ledger.cancel(
+            moved = ledger.cancel(
                 ids,
                 using=using,
                 now=now,
                 reason=f"cancelled by event {event.name} {event.pk}",
                 cancelled_by=event.pk,
             )
+            if moved:
+                waits.invoked_ended_ids(ids, using=using, now=now)  # callers of a cancelled invoke go on
+            cancelled += moved
     return cancelled
 
 

@@ -25,7 +25,12 @@ function                  move
 :func:`start_now`         ``scheduled`` -> ``pending`` (a full batch)
 :func:`take_slots`,       a run's concurrency slots; :func:`lock_keys`, :func:`save_key`: the
 :func:`release_slots`     state of a flow-control key
+:func:`hold_for_step`     lock a ``running`` run for a ``step.atomic`` (fenced on the attempt)
+:func:`resume`            ``waiting`` -> ``pending``, due now (what it waited for came)
 ========================  ===================================================
+
+A run leaves the worker at a durable step through :func:`record` too: ``running``
+-> ``sleeping`` / ``waiting``, the attempt given back.
 
 Where a faster statement exists for a vendor (PostgreSQL, SQLite 3.35+ with
 ``RETURNING``), it sits beside the portable ORM form inside the same function,
@@ -62,6 +67,8 @@ from .models import (
     Run,
     RunStatus,
     Slot,
+    Step,
+    StepStatus,
     sources_of,
 )
 from .registry import Function, functions_for, lease_seconds, max_attempts_for, registered_functions
@@ -73,6 +80,7 @@ __all__ = [
     "fast_statements",
     "flow_key_id",
     "hold_back",
+    "hold_for_step",
     "insert",
     "insert_keyed",
     "keep_stale_attempt",
@@ -87,6 +95,7 @@ __all__ = [
     "new_runs",
     "record",
     "release_slots",
+    "resume",
     "retry",
     "save_key",
     "slot_counts",
@@ -679,6 +688,11 @@ def retry(run_ids: Iterable[Any], *, using: str, now: dt.datetime) -> list[tuple
                 cancelled_by=None,
                 held_on="",
             )
+        if by_function:
+            # The waits a cancel stopped wait again: the run's replay looks for their event anew.
+            Step.objects.using(using).filter(
+                run_id__in=[pk for pks in by_function.values() for pk in pks], status=StepStatus.CANCELLED
+            ).update(status=StepStatus.WAITING)
     return [(pk, function_id) for function_id, pks in by_function.items() for pk in pks]
 
 
@@ -695,10 +709,12 @@ def cancel(
     reason: str = "",
     cancelled_by: Any = None,
 ) -> int:
-    """Cancel the runs not started yet (pending, scheduled, throttled, held, retrying); return how many moved.
+    """Cancel the runs not started yet, or between attempts (pending, scheduled, throttled, held,
+    retrying, sleeping, waiting); return how many moved.
 
     ``reason`` (one line) and ``cancelled_by`` (the cancelling event's id) are kept on
-    the runs. A slot kept for a woken run is given back.
+    the runs. A slot kept for a woken run is given back; the waits of a waiting run
+    stop (``cancelled``: no event resolves them).
     """
     ids = list(dict.fromkeys(run_ids))
     with transaction.atomic(using=using):
@@ -717,7 +733,50 @@ def cancel(
         )
         if moved:
             Slot.objects.using(using).filter(run_id__in=ids).delete()
+            Step.objects.using(using).filter(
+                run_id__in=ids, run__status=RunStatus.CANCELLED, status=StepStatus.WAITING
+            ).update(status=StepStatus.CANCELLED)
     return moved
+
+
+# -- durable steps -------------------------------------------------------------------------------
+
+
+def hold_for_step(run_id: Any, attempt: int, *, using: str) -> bool:
+    """Lock run ``run_id`` for a ``step.atomic`` if it is still ``running`` its attempt ``attempt``.
+
+    Call it inside the step's transaction: the lock (a row lock on PostgreSQL, the
+    database's write lock on SQLite) lasts until it ends, so no other worker takes
+    the run meanwhile, and a worker whose lease another took over gets ``False``
+    and must not run the step.
+    """
+    held = Run.objects.using(using).filter(pk=run_id, status=RunStatus.RUNNING, attempts=attempt)
+    if connections[using].vendor == "sqlite":
+        # A write takes SQLite's lock at once, whatever the transaction mode: no other writer
+        # commits between this check and the step's own writes.
+        return bool(held.update(lease_expires_at=F("lease_expires_at")))
+    return _locked(held, using).values_list("pk", flat=True).first() is not None
+
+
+def resume(run_ids: Iterable[Any], *, using: str, now: dt.datetime) -> list[tuple[Any, str]]:
+    """Move the ``waiting`` runs among ``run_ids`` to ``pending``, due now; return ``(run id, function id)``.
+
+    What they waited for came: the event of a ``step.wait_for_event``, the end of a
+    ``step.invoke``'s run. Call it inside the transaction that records that, and
+    send the runs' messages in it. Runs in other statuses are left alone (a run
+    still in its attempt sees what came when it leaves the worker).
+    """
+    ids = list(dict.fromkeys(run_ids))
+    if not ids:
+        return []
+    rows = list(
+        Run.objects.using(using).filter(pk__in=ids, status=RunStatus.WAITING).values_list("pk", "function")
+    )
+    if rows:
+        Run.objects.using(using).filter(pk__in=[pk for pk, _function in rows], status=RunStatus.WAITING).move(
+            RunStatus.PENDING, due_at=now
+        )
+    return rows
 
 
 # -- flow control: holding a run back, slots, waking -------------------------------------------

@@ -38,6 +38,11 @@ class RunStatus(models.TextChoices):
     """Over its function's concurrency limit: waits, using no attempt, until a slot frees."""
     SKIPPED = "skipped", _("skipped")
     """Final: never executed, by flow control (rate limit, debounce, batch); ``reason`` says why."""
+    SLEEPING = "sleeping", _("sleeping")
+    """Left the worker at a ``step.sleep``; due again at ``due_at``."""
+    WAITING = "waiting", _("waiting")
+    """Left the worker at a ``step.wait_for_event`` or ``step.invoke``; due at its timeout (``due_at``),
+    or at once when what it waits for comes."""
 
 
 #: What flow control may do with a run about to start: make it wait its turn or for a slot, skip it,
@@ -66,7 +71,25 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     # A held run is woken (pending, a slot kept for it) when one frees.
     RunStatus.HELD: frozenset({RunStatus.PENDING, RunStatus.CANCELLED, RunStatus.SKIPPED, RunStatus.DEAD}),
     # RUNNING -> RETRYING / DEAD also when the lease expired (the worker died): see recovery.py.
-    RunStatus.RUNNING: frozenset({RunStatus.SUCCEEDED, RunStatus.RETRYING, RunStatus.DEAD}),
+    # -> SLEEPING / WAITING: the function left the worker at a durable step (steps.py).
+    RunStatus.RUNNING: frozenset(
+        {RunStatus.SUCCEEDED, RunStatus.RETRYING, RunStatus.DEAD, RunStatus.SLEEPING, RunStatus.WAITING}
+    ),
+    # Woken at its time like a retry (flow control may hold it back again).
+    RunStatus.SLEEPING: frozenset(
+        {RunStatus.RUNNING, RunStatus.CANCELLED, RunStatus.THROTTLED, RunStatus.HELD, RunStatus.DEAD}
+    ),
+    # -> PENDING: what it waits for came (an event, the end of an invoked run): due at once.
+    RunStatus.WAITING: frozenset(
+        {
+            RunStatus.RUNNING,
+            RunStatus.PENDING,
+            RunStatus.CANCELLED,
+            RunStatus.THROTTLED,
+            RunStatus.HELD,
+            RunStatus.DEAD,
+        }
+    ),
     RunStatus.RETRYING: frozenset(
         {RunStatus.RUNNING, RunStatus.CANCELLED, RunStatus.THROTTLED, RunStatus.HELD, RunStatus.DEAD}
     ),
@@ -82,8 +105,17 @@ FINAL_STATUSES: frozenset[str] = frozenset(
 )
 #: Statuses whose runs wait for a worker to take them at ``due_at``.
 WAITING_STATUSES: frozenset[str] = frozenset(
-    {RunStatus.PENDING, RunStatus.RETRYING, RunStatus.SCHEDULED, RunStatus.THROTTLED}
+    {
+        RunStatus.PENDING,
+        RunStatus.RETRYING,
+        RunStatus.SCHEDULED,
+        RunStatus.THROTTLED,
+        RunStatus.SLEEPING,
+        RunStatus.WAITING,
+    }
 )
+#: Statuses of the runs that left the worker at a durable step (sleep, wait, invoke).
+SUSPENDED_STATUSES: frozenset[str] = frozenset({RunStatus.SLEEPING, RunStatus.WAITING})
 #: Statuses of the runs not started yet (or waiting for their next attempt): what a cancel can stop.
 NOT_STARTED_STATUSES: frozenset[str] = WAITING_STATUSES | {RunStatus.HELD}
 
@@ -106,6 +138,8 @@ class AttemptOutcome(models.TextChoices):
     """The worker stopped (killed, out of memory, host lost) before the attempt ended; its lease expired."""
     INTERRUPTED = "interrupted", _("interrupted")
     """The worker was shutting down and interrupted the attempt; it does not use up a retry."""
+    SUSPENDED = "suspended", _("suspended")
+    """The function left the worker at a sleep, a wait or an invoke; it does not use up a retry."""
 
 
 class Event(models.Model):
@@ -169,7 +203,8 @@ class RunQuerySet(models.QuerySet["Run"]):
         return self.filter(status=RunStatus.DEAD)
 
     def waiting(self) -> RunQuerySet:
-        """Runs waiting for a worker at ``due_at``: pending, scheduled, throttled or retrying."""
+        """Runs waiting for a worker at ``due_at``: pending, scheduled, throttled, retrying, sleeping
+        or waiting."""
         return self.filter(status__in=WAITING_STATUSES)
 
     def due(self, now: dt.datetime | None = None) -> RunQuerySet:
@@ -246,6 +281,11 @@ class Run(models.Model):
     )
     held_on = models.CharField(
         max_length=64, blank=True, help_text=_("The concurrency key a held run waits on (a FlowKey id).")
+    )
+    parent = models.UUIDField(
+        null=True,
+        blank=True,
+        help_text=_("The run whose step.invoke started this run; it waits for its end."),
     )
 
     objects = RunQuerySet.as_manager()
@@ -393,6 +433,114 @@ class Slot(models.Model):
         return f"slot of {self.run_id} on {self.flow_key}"
 
 
+class StepKind(models.TextChoices):
+    """What a durable step does (``ctx.step.<kind>``)."""
+
+    RUN = "run", _("run")
+    ATOMIC = "atomic", _("atomic")
+    SLEEP = "sleep", _("sleep")
+    WAIT = "wait", _("wait for event")
+    SEND = "send", _("send event")
+    INVOKE = "invoke", _("invoke")
+
+
+class StepStatus(models.TextChoices):
+    """Where a durable step stands."""
+
+    COMPLETED = "completed", _("completed")
+    """Done: replays return its ``result`` (or raise its ``error``, for an invoke whose run failed)."""
+    FAILED = "failed", _("failed")
+    """Raised on its last try; the run's next attempt runs it again."""
+    WAITING = "waiting", _("waiting")
+    """A wait or an invoke not resolved yet."""
+    CANCELLED = "cancelled", _("cancelled")
+    """A wait whose run was cancelled while it waited."""
+
+
+class Step(models.Model):
+    """One durable step of a run: its memo (what a replay returns) and its history.
+
+    A wait's row is also what a sent event is matched against: ``event_name`` and
+    ``match_key`` (a digest of the match path and the value the trigger event had
+    there), found by an index lookup while the step is ``waiting``.
+    """
+
+    id = models.BigAutoField(primary_key=True)
+    # No index of its own: the unique constraint on (run, step_id) serves every lookup by run.
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="step_set", db_index=False)
+    step_id = models.CharField(
+        max_length=255, help_text=_("The id given in the code, with :N when repeated.")
+    )
+    position = models.PositiveIntegerField(help_text=_("0 for the function's first step, and so on."))
+    kind = models.CharField(max_length=16, choices=StepKind.choices)
+    status = models.CharField(max_length=16, choices=StepStatus.choices)
+    result = models.JSONField(null=True, blank=True, help_text=_("What the step returned (JSON)."))
+    error = models.TextField(blank=True, help_text=_("Type and message of its last failure."))
+    traceback = models.TextField(blank=True)
+    attempts = models.PositiveIntegerField(default=0, help_text=_("Times the step's code ran."))
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    wake_at = models.DateTimeField(
+        null=True, blank=True, help_text=_("A sleep's end; a wait's or an invoke's timeout.")
+    )
+    # Waits.
+    event_name = models.CharField(max_length=255, blank=True, help_text=_("The event a wait waits for."))
+    match = models.TextField(blank=True, help_text=_("The wait's match path, and the value it must have."))
+    match_key = models.CharField(
+        max_length=64, blank=True, help_text=_("sha256 of the match path and value: how sent events find it.")
+    )
+    checks = models.BooleanField(
+        default=False,
+        help_text=_("The wait has an if_ callable: the run itself checks each candidate event."),
+    )
+    pokes = models.PositiveIntegerField(
+        default=0, help_text=_("Events that may match, sent while it waits (the run checks them).")
+    )
+    resolved_event = models.UUIDField(null=True, blank=True, help_text=_("The event that ended the wait."))
+    invoked_run = models.UUIDField(null=True, blank=True, help_text=_("The run an invoke started."))
+
+    class Meta:
+        ordering = ["run", "position"]
+        constraints = [
+            models.UniqueConstraint(fields=["run", "step_id"], name="django_events_step_unique_id"),
+        ]
+        indexes = [
+            # A sent event finds the waits it ends: an index lookup, not a scan.
+            models.Index(
+                fields=["event_name", "match_key"],
+                condition=Q(status=StepStatus.WAITING),
+                name="django_events_step_waiting",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"step {self.step_id} ({self.kind}) of {self.run_id}: {self.status}"
+
+    @property
+    def duration(self) -> dt.timedelta | None:
+        """How long the step took, once finished."""
+        if self.started_at is None or self.finished_at is None:
+            return None
+        return self.finished_at - self.started_at
+
+
+class WaitPath(models.Model):
+    """A match path some wait used for an event name: what a send looks up before matching waits."""
+
+    id = models.BigAutoField(primary_key=True)
+    event_name = models.CharField(max_length=255)
+    path = models.CharField(max_length=255, help_text=_("The match path ('' for a wait with only if_)."))
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["event_name", "path"], name="django_events_waitpath_unique"),
+        ]
+        verbose_name = _("wait path")
+
+    def __str__(self) -> str:
+        return f"{self.event_name} {self.path}"
+
+
 class QueuedMessageState(models.TextChoices):
     """Where a message of ``broker.DatabaseBroker`` stands."""
 
@@ -506,9 +654,14 @@ class QueuedMessage(models.Model):
 __all__ += [
     "NOT_STARTED_STATUSES",
     "PENDING_MESSAGE_STATES",
+    "SUSPENDED_STATUSES",
     "FlowKey",
     "QueuedMessage",
     "QueuedMessageQuerySet",
     "QueuedMessageState",
     "Slot",
+    "Step",
+    "StepKind",
+    "StepStatus",
+    "WaitPath",
 ]

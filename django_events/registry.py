@@ -20,6 +20,7 @@ from .options import Batch, CancelOn, CatchUp, Concurrency, Debounce, RateLimit,
 
 if TYPE_CHECKING:
     from .models import Event
+    from .steps import Steps
 
 __all__ = [
     "Context",
@@ -123,6 +124,9 @@ class Context:
         logger: a logger that tags its lines with the run id and function.
         events: the events this run handles: ``[event]``, or for a function with
             ``batch=`` every event of the batch, oldest first.
+        step: the run's durable steps (``steps.Steps``): ``ctx.step.run(...)``,
+            ``atomic``, ``sleep``, ``sleep_until``, ``wait_for_event``,
+            ``send_event``, ``invoke``.
     """
 
     event: Event
@@ -132,6 +136,7 @@ class Context:
     function_id: str
     logger: logging.LoggerAdapter[logging.Logger] = field(repr=False)
     events: list[Event] = field(default_factory=list, repr=False)
+    step: Steps = field(default=None, repr=False)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         if not self.events:

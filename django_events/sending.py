@@ -10,10 +10,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from django.db import router, transaction
+from django.db import DatabaseError, router, transaction
 from django.utils import timezone
 
-from . import clock, dispatch, flow, ledger, registry
+from . import clock, dispatch, flow, ledger, registry, waits
 from .conf import get_settings
 from .exceptions import EventValidationError
 from .models import Event, Run, RunStatus
@@ -107,6 +107,30 @@ def send_many(events: Iterable[Mapping[str, Any]]) -> list[Event]:
     if not outgoing:
         return []
     return _store(outgoing)
+
+
+#: The event of a run started by ``step.invoke``: it holds the invoke's data, and no function
+#: subscribes to it (the run is made for the invoked function only).
+INVOKE_EVENT = "django_events/function.invoked"
+
+
+def validate_event(
+    name: object, data: object, key: object, delay: object = None, run_at: object = None
+) -> _Outgoing:
+    """Check an event as :func:`send` does (``EventValidationError`` if bad); return it ready to store."""
+    return _validate(name, data, key, delay, run_at)
+
+
+def store_invoke(spec: registry.Function, outgoing: _Outgoing, *, parent: Any, using: str) -> Run:
+    """Store the event of a ``step.invoke`` and one run of ``spec`` for it (``parent``'s child), in
+    the current transaction; its message is sent with it. Returns the run."""
+    now = clock.now()
+    event = _new_event(outgoing, now)
+    run = ledger.new_run(event, spec, now)
+    run.parent = parent
+    ledger.insert([event], [run], using)
+    dispatch.send_with_transaction([(run.pk, run.function)], using)
+    return run
 
 
 def _due(delay: object, run_at: object) -> dt.datetime | None:
@@ -267,7 +291,24 @@ def _store(outgoing: list[_Outgoing]) -> list[Event]:
             runs = [run for run in runs if run.pk not in folded_ids]
             runs += flow.after_insert(folded, using=using, now=now)
         _send(runs, using, now, group=len(outgoing) == 1)
+        stored = list(result)
+        # Once committed, the events end the waits they match (waits.py: both sides look after
+        # their commit, so none is missed).
+        transaction.on_commit(lambda: _deliver(stored, using), using=using)
     return result
+
+
+def _deliver(events: list[Event], using: str) -> None:
+    for attempt in range(2):
+        try:
+            waits.deliver(events, using=using)
+            return
+        except DatabaseError:
+            if attempt:
+                # The waits are not lost: each looks for its event again when its timeout comes.
+                logger.exception(
+                    "Could not match %d sent event(s) to the runs waiting for them.", len(events)
+                )
 
 
 def _send(runs: list[Run], using: str, now: dt.datetime, *, group: bool) -> None:

@@ -107,8 +107,11 @@ def run_due(*, now: dt.datetime | None = None) -> list[Run]:
 def run_all(*, max_rounds: int = 100, until: dt.datetime | None = None) -> list[Run]:
     """Execute every due run, and every retry at once, until none is left; with ``until``, up to that time.
 
-    Retries run at once instead of after their backoff, and runs created by the
-    functions themselves (events they send) are executed too. Flow control holds
+    Retries run at once instead of after their backoff, so do sleeping runs
+    (``ctx.step.sleep`` passes at once), and runs created by the functions
+    themselves (events they send, runs they invoke) are executed too. A run
+    waiting for an event (``step.wait_for_event``) stays waiting: send the event
+    and call ``run_all()`` again, or let its timeout pass with ``until=``. Flow control holds
     as in a worker, on django-events' clock (:func:`advance`): runs scheduled or
     throttled for later are left waiting, unless ``until`` is given: then the
     clock jumps to each next due time up to ``until`` (and stays at the last), so
@@ -133,7 +136,7 @@ def run_all(*, max_rounds: int = 100, until: dt.datetime | None = None) -> list[
         cron.schedule(now=clock.now())  # a cron function's ticks, as a worker makes them
         due = list(_due_order().values_list("pk", "function"))
         retries = list(
-            Run.objects.filter(status=RunStatus.RETRYING, due_at__gt=clock.now())
+            Run.objects.filter(status__in=_FAST_FORWARD, due_at__gt=clock.now())
             .order_by("due_at", "id")
             .values_list("pk", "function")
         )
@@ -143,7 +146,13 @@ def run_all(*, max_rounds: int = 100, until: dt.datetime | None = None) -> list[
             for pk, function in retries:
                 _note(executed, _execute(pk, function, ignore_due=True))
             continue
-        upcoming = Run.objects.waiting().order_by("due_at").values_list("due_at", flat=True).first()
+        upcoming = (
+            Run.objects.waiting()
+            .filter(due_at__isnull=False)
+            .order_by("due_at")
+            .values_list("due_at", flat=True)
+            .first()
+        )
         if upcoming is not None and until is not None and upcoming <= until:
             _move_to(upcoming)
             continue
@@ -157,6 +166,12 @@ def run_all(*, max_rounds: int = 100, until: dt.datetime | None = None) -> list[
         return _reload(list(executed))
     still = Run.objects.due(clock.now()).count() + Run.objects.filter(status=RunStatus.RETRYING).count()
     raise RunsDidNotSettle(f"{still} run(s) were still due or retrying after {max_rounds} rounds.")
+
+
+#: What :func:`run_all` runs at once instead of at its time: retries, and sleeping runs (their
+#: ``step.sleep`` is over). A wait's timeout passes only with the clock (``until=``, :func:`advance`),
+#: so that a test can send the awaited event first.
+_FAST_FORWARD = (RunStatus.RETRYING, RunStatus.SLEEPING)
 
 
 def _note(executed: dict[Any, None], outcome: tuple[Execution, Any]) -> None:

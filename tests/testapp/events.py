@@ -186,4 +186,4 @@ def odd(ctx: Context) -> Any:
     return ODD_RESULTS[kind]
 
 
-from . import flow_events  # noqa: E402, F401  (the flow-control test functions)
+from . import flow_events, step_events  # noqa: E402, F401  (flow-control and step test functions)

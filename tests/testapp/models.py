@@ -26,3 +26,14 @@ class Span(models.Model):
 
     def __str__(self) -> str:
         return f"{self.function} {self.key} {self.started_at}-{self.ended_at}"
+
+
+class Effect(models.Model):
+    """A database effect of a durable step (``step.atomic``): counted to prove it happened once."""
+
+    run_id = models.CharField(max_length=64)
+    step = models.CharField(max_length=255)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"{self.step} of run {self.run_id}"

@@ -1,0 +1,157 @@
+"""The durable-step test functions (``ctx.step``)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import time
+from typing import Any
+
+import django_events
+from django_events.registry import Context
+
+from .models import Call, Effect
+
+
+def _call(ctx: Context, name: str) -> None:
+    Call.objects.create(function=name, run_id=str(ctx.run_id), attempt=ctx.attempt, event_name=ctx.event.name)
+
+
+def _calls(name: str, ctx: Context) -> int:
+    return Call.objects.filter(function=name, run_id=str(ctx.run_id)).count()
+
+
+@django_events.function("steps/order", id="tests.steps_order", retries=3)
+def steps_order(ctx: Context) -> dict[str, Any]:
+    """Every step kind, as the issue's example: charge, reserve, cool off, wait, notify, ship."""
+    order_id = ctx.event.data["order_id"]
+
+    def charge(order: int) -> dict[str, Any]:
+        _call(ctx, "charge")
+        return {"charged": order}
+
+    def reserve(order: int) -> int:
+        return Effect.objects.create(run_id=str(ctx.run_id), step=f"reserve {order}").pk
+
+    charge_result = ctx.step.run("charge", charge, order_id)
+    ctx.step.atomic("reserve", reserve, order_id)
+    ctx.step.sleep("cool-off", dt.timedelta(hours=1))
+    paid = ctx.step.wait_for_event(
+        "paid", event="steps/invoice.paid", match="data.order_id", timeout=dt.timedelta(days=3)
+    )
+    ctx.step.send_event("notify", "steps/fulfilled", {"order_id": order_id})
+    shipped = ctx.step.invoke(
+        "ship", function="tests.steps_ship", data={"order_id": order_id}, timeout=dt.timedelta(hours=2)
+    )
+    return {"charge": charge_result, "paid": None if paid is None else paid.data, "shipped": shipped}
+
+
+@django_events.function("steps/ship", id="tests.steps_ship")
+def steps_ship(ctx: Context) -> dict[str, Any]:
+    """Invoked by steps_order; fails when told to."""
+    _call(ctx, "ship")
+    if ctx.event.data.get("fail"):
+        raise django_events.NonRetriableError("cannot ship")
+    return {"shipped": ctx.event.data["order_id"]}
+
+
+@django_events.function("steps/fulfilled", id="tests.steps_fulfilled")
+def steps_fulfilled(ctx: Context) -> None:
+    """Receives step.send_event's event."""
+    _call(ctx, "fulfilled")
+
+
+@django_events.function("steps/invoke-failing", id="tests.steps_invoke_failing", retries=2)
+def steps_invoke_failing(ctx: Context) -> str:
+    """Invokes a run that goes dead; catches the error when told to."""
+    try:
+        ctx.step.invoke("ship", function="tests.steps_ship", data={"order_id": 1, "fail": True})
+    except django_events.InvokeFailedError as exc:
+        if ctx.event.data.get("catch"):
+            return f"caught: {exc.run_id}"
+        raise
+    return "shipped?"
+
+
+@django_events.function("steps/loop", id="tests.steps_loop")
+def steps_loop(ctx: Context) -> list[Any]:
+    """A step id repeated in a loop gets suffixes."""
+    return [ctx.step.run("item", lambda n=n: n * 10) for n in range(3)]
+
+
+@django_events.function("steps/flaky", id="tests.steps_flaky", retries=3)
+def steps_flaky(ctx: Context) -> list[Any]:
+    """The second step fails on its first try: the first is not run again."""
+
+    def first() -> str:
+        _call(ctx, "first")
+        return "one"
+
+    def second() -> str:
+        _call(ctx, "second")
+        if _calls("second", ctx) < 2:
+            raise RuntimeError("second step fails once")
+        return "two"
+
+    return [ctx.step.run("first", first), ctx.step.run("second", second)]
+
+
+@django_events.function("steps/nondeterministic", id="tests.steps_nondeterministic", retries=2)
+def steps_nondeterministic(ctx: Context) -> None:
+    """Meets its steps in another order on its second attempt."""
+    names = ["a", "b"] if ctx.attempt == 1 else ["b", "a"]
+    ctx.step.run(names[0], lambda: 1)
+    if ctx.attempt == 1:
+        raise RuntimeError("fail once")
+    ctx.step.run(names[1], lambda: 2)
+
+
+@django_events.function("steps/wait-if", id="tests.steps_wait_if")
+def steps_wait_if(ctx: Context) -> Any:
+    """Waits for an event its if_ accepts (amount over 100)."""
+    got = ctx.step.wait_for_event(
+        "big", event="steps/amount", timeout=60, if_=lambda event: event.data.get("amount", 0) > 100
+    )
+    return None if got is None else got.data
+
+
+@django_events.function("steps/wait-twice", id="tests.steps_wait_twice")
+def steps_wait_twice(ctx: Context) -> list[Any]:
+    """Waits twice for the same event name: each wait takes its own event."""
+    got = [
+        ctx.step.wait_for_event("tick", event="steps/tick", match="data.key", timeout=600) for _ in range(2)
+    ]
+    return [None if event is None else event.data["n"] for event in got]
+
+
+@django_events.function("steps/wait", id="tests.steps_wait", retries=0)
+def steps_wait(ctx: Context) -> Any:
+    """Waits for steps/answer with the same data.key (the race trials' function)."""
+    got = ctx.step.wait_for_event("answer", event="steps/answer", match="data.key", timeout=600)
+    return None if got is None else got.data
+
+
+@django_events.function("steps/sleepy", id="tests.steps_sleepy")
+def steps_sleepy(ctx: Context) -> str:
+    """Sleeps a short while (seconds in the event) between two steps."""
+    ctx.step.run("before", lambda: _call(ctx, "before"))
+    ctx.step.sleep("nap", ctx.event.data.get("seconds", 1))
+    ctx.step.run("after", lambda: _call(ctx, "after"))
+    return "rested"
+
+
+@django_events.function("steps/atomic", id="tests.steps_atomic", retries=20, time_limit=10)
+def steps_atomic(ctx: Context) -> int:
+    """Inserts an Effect exactly once in a step.atomic, slowly when told to (the kill tests)."""
+    pause = float(ctx.event.data.get("pause", 0))
+
+    def effect() -> int:
+        row = Effect.objects.create(run_id=str(ctx.run_id), step="insert")
+        if pause:
+            time.sleep(pause)
+        return row.pk
+
+    ctx.step.run("before", lambda: os.getpid())
+    pk = ctx.step.atomic("insert", effect)
+    ctx.step.run("after", lambda: pause and time.sleep(pause))
+    return int(pk)

@@ -1,0 +1,153 @@
+"""Durable steps through the testing helpers (the same claim, call and record code as a worker)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from django_events import send
+from django_events.models import Attempt, AttemptOutcome, Run, RunStatus, Step, StepStatus
+from django_events.testing import advance, reset_clock, run_all
+from tests.testapp.models import Call, Effect
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture(autouse=True)
+def _clock():
+    yield
+    reset_clock()
+
+
+def _run(function: str) -> Run:
+    return Run.objects.get(function=function)
+
+
+def test_the_order_flow_goes_through_every_step_kind():
+    send("steps/order", {"order_id": 7})
+    run_all()
+    run = _run("tests.steps_order")
+    assert run.status == RunStatus.WAITING  # slept (fast-forwarded), now waits for the invoice
+    assert Call.objects.filter(function="charge").count() == 1
+    assert Effect.objects.count() == 1
+    send("steps/invoice.paid", {"order_id": 8})  # another order's: not this one
+    run_all()
+    assert _run("tests.steps_order").status == RunStatus.WAITING
+    send("steps/invoice.paid", {"order_id": 7, "amount": 5})
+    run_all()
+    run = _run("tests.steps_order")
+    assert run.status == RunStatus.SUCCEEDED, run.last_error
+    assert run.result == {
+        "charge": {"charged": 7},
+        "paid": {"order_id": 7, "amount": 5},
+        "shipped": {"shipped": 7},
+    }
+    assert Call.objects.filter(function="charge").count() == 1
+    assert Call.objects.filter(function="fulfilled").count() == 1
+    assert Call.objects.filter(function="ship").count() == 1
+    assert Effect.objects.count() == 1
+    steps = list(Step.objects.filter(run=run).order_by("position").values_list("step_id", "kind", "status"))
+    assert steps == [
+        ("charge", "run", "completed"),
+        ("reserve", "atomic", "completed"),
+        ("cool-off", "sleep", "completed"),
+        ("paid", "wait", "completed"),
+        ("notify", "send", "completed"),
+        ("ship", "invoke", "completed"),
+    ]
+    suspended = Attempt.objects.filter(run=run, outcome=AttemptOutcome.SUSPENDED).count()
+    assert suspended == 3  # the sleep, the wait, the invoke
+    assert run.attempts == run.max_attempts - 3  # suspensions do not use up retries
+
+
+def test_a_wait_times_out_when_the_clock_passes_it():
+    send("steps/order", {"order_id": 1})
+    run_all()
+    run_all(until=dt.datetime.now(dt.UTC) + dt.timedelta(days=4))
+    run = _run("tests.steps_order")
+    assert run.status == RunStatus.SUCCEEDED, run.last_error
+    assert run.result["paid"] is None
+
+
+def test_an_event_sent_before_the_wait_began_is_found():
+    event = send("steps/order", {"order_id": 3})
+    send("steps/invoice.paid", {"order_id": 3})  # sent after the trigger, before the run waits
+    run_all()
+    run = Run.objects.get(event=event)
+    assert run.status == RunStatus.SUCCEEDED, run.last_error
+    assert run.result["paid"] == {"order_id": 3}
+
+
+def test_repeated_step_ids_get_suffixes():
+    send("steps/loop")
+    run_all()
+    run = _run("tests.steps_loop")
+    assert run.result == [0, 10, 20]
+    assert sorted(Step.objects.filter(run=run).values_list("step_id", flat=True)) == ["item", "item:1", "item:2"]
+
+
+def test_a_failed_step_does_not_run_the_steps_before_it_again():
+    send("steps/flaky")
+    run_all()
+    run = _run("tests.steps_flaky")
+    assert run.status == RunStatus.SUCCEEDED
+    assert run.result == ["one", "two"]
+    assert Call.objects.filter(function="first").count() == 1
+    assert Call.objects.filter(function="second").count() == 2
+    second = Step.objects.get(run=run, step_id="second")
+    assert second.attempts == 2 and second.status == StepStatus.COMPLETED
+
+
+def test_a_replay_in_another_order_fails_naming_both_steps():
+    send("steps/nondeterministic")
+    run_all()
+    run = _run("tests.steps_nondeterministic")
+    assert run.status == RunStatus.DEAD
+    assert "NonDeterminismError" in run.last_error
+    assert "'a'" in run.last_error and "'b'" in run.last_error
+
+
+def test_an_invoked_run_that_dies_raises_at_the_step():
+    send("steps/invoke-failing", {"catch": True})
+    run_all()
+    run = _run("tests.steps_invoke_failing")
+    child = _run("tests.steps_ship")
+    assert child.status == RunStatus.DEAD and child.parent == run.pk
+    assert run.status == RunStatus.SUCCEEDED
+    assert run.result == f"caught: {child.pk}"
+
+
+def test_if_callable_waits_for_the_event_it_accepts():
+    send("steps/wait-if")
+    run_all()
+    send("steps/amount", {"amount": 50})
+    run_all()
+    assert _run("tests.steps_wait_if").status == RunStatus.WAITING
+    send("steps/amount", {"amount": 500})
+    run_all()
+    run = _run("tests.steps_wait_if")
+    assert run.status == RunStatus.SUCCEEDED and run.result == {"amount": 500}
+
+
+def test_two_waits_for_one_name_take_an_event_each():
+    send("steps/wait-twice", {"key": "k"})
+    send("steps/tick", {"key": "k", "n": 1})
+    send("steps/tick", {"key": "k", "n": 2})
+    run_all()
+    run = _run("tests.steps_wait_twice")
+    assert run.status == RunStatus.SUCCEEDED and run.result == [1, 2]
+
+
+def test_a_sleeping_run_wakes_at_its_time():
+    send("steps/sleepy", {"seconds": 30})
+    from django_events.testing import run_due
+
+    run_due()
+    run = _run("tests.steps_sleepy")
+    assert run.status == RunStatus.SLEEPING
+    assert run_due() == []
+    advance(31)
+    run_due()
+    assert _run("tests.steps_sleepy").status == RunStatus.SUCCEEDED
+    assert Call.objects.filter(function="before").count() == 1
