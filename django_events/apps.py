@@ -23,6 +23,7 @@ class DjangoEventsConfig(AppConfig):
 
     def ready(self) -> None:
         check_installed_apps()
+        importlib.import_module("django_events.checks")  # registers the system checks
         # Every installed app's events.py: a missing module is skipped, a broken one raises.
         autodiscover_modules("events")
         install_broker_middleware()

@@ -53,7 +53,8 @@ def retry_runs(run_ids: Iterable[Any]) -> Outcome:
 
 
 def cancel_runs(run_ids: Iterable[Any]) -> Outcome:
-    """Cancel pending or retrying runs: they are never executed, even if a message is still queued.
+    """Cancel runs not started yet or between attempts (pending, scheduled, throttled, held, retrying,
+    sleeping, waiting): they are never executed again, even if a message is still queued.
 
     Running and final runs are skipped.
     """

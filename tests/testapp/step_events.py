@@ -155,3 +155,44 @@ def steps_atomic(ctx: Context) -> int:
     pk = ctx.step.atomic("insert", effect)
     ctx.step.run("after", lambda: pause and time.sleep(pause))
     return int(pk)
+
+
+@django_events.function("steps/bad-input", id="tests.steps_bad_input", retries=0)
+def steps_bad_input(ctx: Context) -> str:
+    """Calls one step with the bad input named in the event; the error is the run's outcome."""
+    case = ctx.event.data["case"]
+    step = ctx.step
+    if case == "empty-id":
+        step.run("", lambda: 1)
+    elif case == "id-not-str":
+        step.run(7, lambda: 1)  # type: ignore[arg-type]
+    elif case == "not-callable":
+        step.run("x", 42)  # type: ignore[arg-type]
+    elif case == "negative-sleep":
+        step.sleep("nap", -1)
+    elif case == "naive-sleep-until":
+        step.sleep_until("nap", dt.datetime(2030, 1, 1))
+    elif case == "bad-event-name":
+        step.wait_for_event("w", event="has space", timeout=10)
+    elif case == "missing-match":
+        step.wait_for_event("w", event="steps/answer", match="data.absent", timeout=10)
+    elif case == "no-timeout":
+        step.wait_for_event("w", event="steps/answer", timeout=None)  # type: ignore[arg-type]
+    elif case == "unknown-function":
+        step.invoke("i", function="no.such.function")
+    elif case == "bad-invoke-data":
+        step.invoke("i", function="tests.steps_ship", data=["not", "a", "dict"])  # type: ignore[arg-type]
+    elif case == "bad-send":
+        step.send_event("s", "steps/fulfilled", {"bad": object()})
+    elif case == "not-json":
+        step.run("x", lambda: object())
+    elif case == "nested":
+        step.run("outer", lambda: step.run("inner", lambda: 1))
+    return "no error"
+
+
+@django_events.function("steps/any", id="tests.steps_any")
+def steps_any(ctx: Context) -> Any:
+    """Waits for any steps/ping event (no match, no if_)."""
+    got = ctx.step.wait_for_event("ping", event="steps/ping", timeout=60)
+    return None if got is None else got.data

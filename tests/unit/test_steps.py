@@ -84,7 +84,11 @@ def test_repeated_step_ids_get_suffixes():
     run_all()
     run = _run("tests.steps_loop")
     assert run.result == [0, 10, 20]
-    assert sorted(Step.objects.filter(run=run).values_list("step_id", flat=True)) == ["item", "item:1", "item:2"]
+    assert sorted(Step.objects.filter(run=run).values_list("step_id", flat=True)) == [
+        "item",
+        "item:1",
+        "item:2",
+    ]
 
 
 def test_a_failed_step_does_not_run_the_steps_before_it_again():
@@ -96,7 +100,8 @@ def test_a_failed_step_does_not_run_the_steps_before_it_again():
     assert Call.objects.filter(function="first").count() == 1
     assert Call.objects.filter(function="second").count() == 2
     second = Step.objects.get(run=run, step_id="second")
-    assert second.attempts == 2 and second.status == StepStatus.COMPLETED
+    assert second.attempts == 2
+    assert second.status == StepStatus.COMPLETED
 
 
 def test_a_replay_in_another_order_fails_naming_both_steps():
@@ -105,7 +110,8 @@ def test_a_replay_in_another_order_fails_naming_both_steps():
     run = _run("tests.steps_nondeterministic")
     assert run.status == RunStatus.DEAD
     assert "NonDeterminismError" in run.last_error
-    assert "'a'" in run.last_error and "'b'" in run.last_error
+    assert "'a'" in run.last_error
+    assert "'b'" in run.last_error
 
 
 def test_an_invoked_run_that_dies_raises_at_the_step():
@@ -113,7 +119,8 @@ def test_an_invoked_run_that_dies_raises_at_the_step():
     run_all()
     run = _run("tests.steps_invoke_failing")
     child = _run("tests.steps_ship")
-    assert child.status == RunStatus.DEAD and child.parent == run.pk
+    assert child.status == RunStatus.DEAD
+    assert child.parent == run.pk
     assert run.status == RunStatus.SUCCEEDED
     assert run.result == f"caught: {child.pk}"
 
@@ -127,7 +134,8 @@ def test_if_callable_waits_for_the_event_it_accepts():
     send("steps/amount", {"amount": 500})
     run_all()
     run = _run("tests.steps_wait_if")
-    assert run.status == RunStatus.SUCCEEDED and run.result == {"amount": 500}
+    assert run.status == RunStatus.SUCCEEDED
+    assert run.result == {"amount": 500}
 
 
 def test_two_waits_for_one_name_take_an_event_each():
@@ -136,7 +144,8 @@ def test_two_waits_for_one_name_take_an_event_each():
     send("steps/tick", {"key": "k", "n": 2})
     run_all()
     run = _run("tests.steps_wait_twice")
-    assert run.status == RunStatus.SUCCEEDED and run.result == [1, 2]
+    assert run.status == RunStatus.SUCCEEDED
+    assert run.result == [1, 2]
 
 
 def test_a_sleeping_run_wakes_at_its_time():
@@ -151,3 +160,91 @@ def test_a_sleeping_run_wakes_at_its_time():
     run_due()
     assert _run("tests.steps_sleepy").status == RunStatus.SUCCEEDED
     assert Call.objects.filter(function="before").count() == 1
+
+
+@pytest.mark.parametrize(
+    ("case", "error"),
+    [
+        ("empty-id", "ValueError: A step id must be"),
+        ("id-not-str", "ValueError: A step id must be"),
+        ("not-callable", "TypeError: step.run takes a step id and a callable"),
+        ("negative-sleep", "ValueError: step.sleep's duration must be"),
+        ("naive-sleep-until", "ValueError: step.sleep_until needs an aware datetime"),
+        ("bad-event-name", "EventValidationError"),
+        ("missing-match", "ValueError: The run's trigger event has no value at 'data.absent'"),
+        ("no-timeout", "ValueError: wait_for_event's timeout must be"),
+        ("unknown-function", "FunctionNotFoundError: step.invoke: no function is registered"),
+        ("bad-invoke-data", "EventValidationError: Event data must be a dict"),
+        ("bad-send", "EventValidationError: Event data for 'steps/fulfilled' is not JSON-serialisable"),
+        ("not-json", "ResultNotSerializableError: Step 'x' returned a value that JSON cannot hold"),
+        ("nested", "steps cannot nest"),
+    ],
+)
+def test_bad_input_fails_the_attempt_clearly_and_stores_nothing_half(case, error):
+    send("steps/bad-input", {"case": case})
+    run_all()
+    run = _run("tests.steps_bad_input")
+    assert run.status == RunStatus.DEAD
+    assert error in run.last_error, run.last_error
+    # Nothing half-stored: no wait, no invoked run, no sent event's run.
+    assert not Step.objects.filter(run=run, status=StepStatus.WAITING).exists()
+    assert not Run.objects.exclude(pk=run.pk).exists()
+
+
+def test_a_wait_with_neither_match_nor_if_takes_any_event_of_the_name():
+    send("steps/any")
+    run_all()
+    send("steps/ping", {"n": 1})
+    run_all()
+    run = _run("tests.steps_any")
+    assert run.status == RunStatus.SUCCEEDED
+    assert run.result == {"n": 1}
+
+
+def test_cancelling_a_waiting_run_stops_its_wait_and_a_retry_waits_again():
+    from django_events.control import cancel_runs, retry_runs
+
+    send("steps/wait", {"key": "c"})
+    run_all()
+    run = _run("tests.steps_wait")
+    assert run.status == RunStatus.WAITING
+    assert cancel_runs([run.pk]).done == 1
+    assert Step.objects.get(run=run).status == StepStatus.CANCELLED
+    send("steps/answer", {"key": "c", "n": 1})  # no waiting step matches it any more
+    run_all()
+    assert _run("tests.steps_wait").status == RunStatus.CANCELLED
+    assert retry_runs([run.pk]).done == 1
+    run_all()  # the replay looks again and finds the answer sent meanwhile
+    run = _run("tests.steps_wait")
+    assert run.status == RunStatus.SUCCEEDED
+    assert run.result == {"key": "c", "n": 1}
+
+
+def test_cancelling_an_invoked_run_fails_the_invoke_at_once():
+    from django_events.control import cancel_runs
+
+    send("steps/invoke-failing", {"catch": True})
+    # Run the parent only: it invokes and waits; the child is pending.
+    from django_events.testing import run_due
+
+    run_due()
+    child = _run("tests.steps_ship")
+    assert child.status == RunStatus.PENDING
+    assert cancel_runs([child.pk]).done == 1
+    assert _run("tests.steps_invoke_failing").status == RunStatus.PENDING  # woken by the cancel
+    run_all()
+    run = _run("tests.steps_invoke_failing")
+    assert run.status == RunStatus.SUCCEEDED
+    assert run.result == f"caught: {child.pk}"
+
+
+def test_writes_to_another_database_inside_an_atomic_step_are_refused():
+    from django_events.steps import StepWriteError, _writes_only_on
+
+    # As if the ledger were on database "ledger": a write to "default" is refused, a read is not.
+    with _writes_only_on("ledger", "reserve"):
+        assert Call.objects.count() == 0
+        with pytest.raises(StepWriteError, match="Step 'reserve' wrote to database 'default'"):
+            Call.objects.create(function="x", run_id="r", attempt=1, event_name="e")
+    assert Call.objects.count() == 0
+    Call.objects.create(function="x", run_id="r", attempt=1, event_name="e")  # outside: allowed
