@@ -183,7 +183,8 @@ class Steps:
         """
         full, position, memo = self._next(step_id, StepKind.SEND)
         if memo is not None and memo.status == StepStatus.COMPLETED:
-            stored = Event.objects.using(self._using).filter(pk=(memo.result or {}).get("event_id")).first()
+            event_id = str((memo.result or {}).get("event_id", ""))
+            stored = Event.objects.using(self._using).filter(pk=event_id).first() if event_id else None
             return stored or Event(name=name, data=data or {})  # pruned since: what was sent
         validate_event(name, data, None, delay, run_at)  # bad input fails before anything is stored
         started = clock.now()
@@ -354,7 +355,7 @@ class Steps:
             pokes = memo.pokes
             child_row = (
                 Run.objects.using(self._using)
-                .filter(pk=memo.invoked_run)
+                .filter(pk=str(memo.invoked_run))
                 .values_list("status", "result", "last_error")
                 .first()
             )
