@@ -755,7 +755,9 @@ def hold_for_step(run_id: Any, attempt: int, *, using: str) -> bool:
         # A write takes SQLite's lock at once, whatever the transaction mode: no other writer
         # commits between this check and the step's own writes.
         return bool(held.update(lease_expires_at=F("lease_expires_at")))
-    return _locked(held, using).values_list("pk", flat=True).first() is not None
+    # Waits for a lock another transaction holds (a recovery pass taking back an expired lease):
+    # then the conditions are checked again on the row as that transaction left it.
+    return held.select_for_update().values_list("pk", flat=True).first() is not None
 
 
 def resume(run_ids: Iterable[Any], *, using: str, now: dt.datetime) -> list[tuple[Any, str]]:
