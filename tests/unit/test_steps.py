@@ -248,3 +248,21 @@ def test_writes_to_another_database_inside_an_atomic_step_are_refused():
             Call.objects.create(function="x", run_id="r", attempt=1, event_name="e")
     assert Call.objects.count() == 0
     Call.objects.create(function="x", run_id="r", attempt=1, event_name="e")  # outside: allowed
+
+
+def test_an_atomic_step_of_an_attempt_that_lost_its_run_does_not_run():
+    from django_events.steps import StaleAttemptError, Steps
+
+    send("steps/loop")
+    run = _run("tests.steps_loop")
+    # Another worker took the run over: it is running its attempt 2; this worker still has attempt 1.
+    Run.objects.filter(pk=run.pk).update(status=RunStatus.RUNNING, attempts=2)
+    run.refresh_from_db()
+    steps = Steps(run, 1, using="default")
+    with pytest.raises(StaleAttemptError, match="no longer holds the run"):
+        steps.atomic("reserve", lambda: Effect.objects.create(run_id=str(run.pk), step="x"))
+    assert not Effect.objects.exists()
+    assert not Step.objects.filter(run=run).exists()
+    # The attempt that holds the run does run it, once.
+    assert Steps(run, 2, using="default").atomic("reserve", lambda: 5) == 5
+    assert Steps(run, 2, using="default").atomic("reserve", lambda: 6) == 5  # replay: the memo
