@@ -19,6 +19,12 @@ which functions filtered it out (``Event.skipped_by``), or that none subscribed.
 The overview counts the waiting work per function and per key, from the partial
 indexes of the waiting states only, and shows each cron function's next tick
 (``cron.next_ticks``).
+
+Durable steps show on a run's page: its steps as a timeline (the first
+``STEPS_SHOWN`` in position order, one query however many it has), and, for a
+sleeping or waiting run, what it waits for and until when; an invoked run links
+to the run that invoked it. The run list filters and shows sleeping and waiting
+runs like the other waiting states.
 """
 
 from __future__ import annotations
@@ -77,6 +83,9 @@ from .models import (
     Run,
     RunStatus,
     Slot,
+    Step,
+    StepKind,
+    StepStatus,
     sources_of,
 )
 from .registry import get_function
@@ -94,9 +103,15 @@ CANCELLABLE = frozenset(sources_of(RunStatus.CANCELLED))
 #: Statuses in which a run's ``reason`` says why it is where it is (waits, was skipped or cancelled).
 EXPLAINED = NOT_STARTED_STATUSES | {RunStatus.SKIPPED, RunStatus.CANCELLED}
 #: Statuses whose ``due_at`` the run list shows: when the run is next due to start.
-SHOWS_DUE = frozenset({RunStatus.RETRYING, RunStatus.SCHEDULED, RunStatus.THROTTLED})
+SHOWS_DUE = frozenset(
+    {RunStatus.RETRYING, RunStatus.SCHEDULED, RunStatus.THROTTLED, RunStatus.SLEEPING, RunStatus.WAITING}
+)
 #: Runs merged into a batch (or debounced) run listed on its page; a link lists the rest.
 MERGED_SHOWN = 100
+#: Steps listed on a run's page, in position order; a note says when the run has more.
+STEPS_SHOWN = 200
+#: The most characters of a step's result (as JSON) shown in its row.
+STEP_RESULT_CHARS = 200
 #: Rows of each "per key" table of the overview (the keys with the most runs or slots).
 TOP_KEYS = 50
 #: Rows of each "per function" table of the overview.
@@ -111,7 +126,8 @@ MESSAGE_BADGES: dict[str, str] = {
 }
 #: The label of each value a badge shows, by its choices.
 _LABELS: dict[type[models.TextChoices], dict[str, StrOrPromise]] = {
-    choices: dict(choices.choices) for choices in (RunStatus, AttemptOutcome, QueuedMessageState)
+    choices: dict(choices.choices)
+    for choices in (RunStatus, AttemptOutcome, QueuedMessageState, StepStatus, StepKind)
 }
 
 
@@ -204,6 +220,23 @@ def _duration(start: dt.datetime | None, end: dt.datetime | None) -> str:
     if seconds < 120:
         return f"{seconds:.1f} s"
     return f"{seconds / 60:.1f} min"
+
+
+def _when(value: dt.datetime | None, *, millis: bool = False) -> str:
+    """A time in the current time zone, to the second (or millisecond); "-" for none."""
+    if value is None:
+        return "-"
+    text = timezone.localtime(value).strftime("%Y-%m-%d %H:%M:%S.%f")
+    return text[:-3] if millis else text[:-7]
+
+
+def _short_json(value: Any, limit: int = STEP_RESULT_CHARS) -> str:
+    """``value`` as one line of JSON, cut to ``limit`` characters with an ellipsis (plain text)."""
+    try:
+        text = _printable(json.dumps(value, sort_keys=True, ensure_ascii=False))
+    except (TypeError, ValueError):  # JSONField gives back only what JSON holds; be safe anyway
+        text = _printable(repr(value))
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
 
 
 def _not_found() -> NoReturn:
@@ -341,6 +374,103 @@ def run_flow(run: Run, now: dt.datetime | None = None) -> RunFlow:
     return flow
 
 
+# -- durable steps ---------------------------------------------------------------------------------
+
+
+@dataclass
+class StepRow:
+    """One step as the run's timeline shows it: all plain text, escaped by the template."""
+
+    step: Step
+    kind: StrOrPromise
+    badge: SafeString
+    started: str
+    duration: str
+    #: The step's result as shortened JSON ("" when it has an error, or none to show).
+    result: str
+    #: A sleep's end, a wait's or an invoke's timeout ("" if none).
+    wake_at: str
+
+
+@dataclass
+class RunSteps:
+    """A run's durable steps, as its page shows them (see :func:`run_steps`)."""
+
+    #: The first ``STEPS_SHOWN`` steps, in position order; ``more``: the run has others after them.
+    rows: list[StepRow] = field(default_factory=list)
+    more: bool = False
+    #: "sleeping" or "waiting" when the run is; then the step it waits at (``None`` if not found),
+    #: and until when (``None``: no timeout).
+    suspended: str = ""
+    current: Step | None = None
+    until: dt.datetime | None = None
+    #: A waiting invoke's run, if still stored.
+    invoked: Run | None = None
+    #: The run that invoked this one (``Run.parent``), and its row if still stored.
+    parent_id: uuid.UUID | None = None
+    parent: Run | None = None
+
+    @property
+    def says_what(self) -> bool:
+        """Whether there is anything to say about what the run waits for, or which run invoked it."""
+        return bool(self.suspended or self.parent_id)
+
+
+def _step_row(step: Step) -> StepRow:
+    shows_result = not step.error and step.status == StepStatus.COMPLETED and step.result is not None
+    return StepRow(
+        step=step,
+        kind=_LABELS[StepKind].get(step.kind) or step.kind,
+        badge=_badge(step.status, StepStatus),
+        started=_when(step.started_at, millis=True),
+        duration=_duration(step.started_at, step.finished_at),
+        result=_short_json(step.result) if shows_result else "",
+        wake_at=_when(step.wake_at) if step.wake_at is not None else "",
+    )
+
+
+def run_steps(run: Run) -> RunSteps:
+    """``run``'s steps and what it waits at: one query for the steps, and a primary-key lookup each
+    for a waiting invoke's run and for the run that invoked it.
+
+    Kept on the run, so the page's fields share it. The steps are read by the run's
+    unique (run, step_id) index; only the first ``STEPS_SHOWN`` by position are read.
+    """
+    cached: RunSteps | None = getattr(run, "_django_events_steps", None)
+    if cached is not None:
+        return cached
+    found = RunSteps()
+    steps = list(Step.objects.filter(run_id=run.pk).order_by("position", "pk")[: STEPS_SHOWN + 1])
+    found.more = len(steps) > STEPS_SHOWN
+    steps = steps[:STEPS_SHOWN]
+    found.rows = [_step_row(step) for step in steps]
+    if run.status in (RunStatus.SLEEPING, RunStatus.WAITING):
+        found.suspended = run.status
+        kinds = (StepKind.SLEEP,) if run.status == RunStatus.SLEEPING else (StepKind.WAIT, StepKind.INVOKE)
+        waiting = [step for step in steps if step.status == StepStatus.WAITING and step.kind in kinds]
+        if not waiting and found.more:  # past the steps listed: look it up by itself
+            waiting = list(
+                Step.objects.filter(run_id=run.pk, status=StepStatus.WAITING, kind__in=kinds).order_by(
+                    "-position"
+                )[:1]
+            )
+        found.current = max(waiting, key=lambda step: step.position) if waiting else None
+        if run.status == RunStatus.SLEEPING:
+            found.until = run.due_at or (found.current.wake_at if found.current else None)
+        else:
+            found.until = found.current.wake_at if found.current else run.due_at
+        current = found.current
+        if current is not None and current.kind == StepKind.INVOKE and current.invoked_run is not None:
+            found.invoked = (
+                Run.objects.filter(pk=current.invoked_run).only("pk", "function", "status").first()
+            )
+    if run.parent is not None:
+        found.parent_id = run.parent
+        found.parent = Run.objects.filter(pk=run.parent).only("pk", "function", "status").first()
+    run._django_events_steps = found  # type: ignore[attr-defined]
+    return found
+
+
 def _run_note(run: Run) -> str:
     """What an event's page says next to one of its runs: why it waits or was skipped, or its error."""
     if run.status in EXPLAINED and run.reason:
@@ -470,6 +600,7 @@ class RunAdmin(_ReadOnlyAdmin):
         "event_link",
         "status_badge",
         "why",
+        "waits_for",
         "priority",
         "attempts_used",
         "created_at",
@@ -482,6 +613,7 @@ class RunAdmin(_ReadOnlyAdmin):
         "event_data",
         "result_json",
         "merged_runs",
+        "step_timeline",
         "attempt_history",
     )
     #: Links from the run page and the overview filter the list by these (not in the sidebar).
@@ -508,7 +640,7 @@ class RunAdmin(_ReadOnlyAdmin):
 
     @admin.display(description=_("due"), ordering="due_at")
     def due(self, run: Run) -> str:
-        """When a retrying, scheduled or throttled run is next due to start."""
+        """When a retrying, scheduled, throttled, sleeping or waiting run is next due to start."""
         if run.status in SHOWS_DUE and run.due_at:
             return timezone.localtime(run.due_at).strftime("%Y-%m-%d %H:%M:%S")
         return "-"
@@ -539,13 +671,28 @@ class RunAdmin(_ReadOnlyAdmin):
             },
         )
 
+    @admin.display(description=_("waits for"))
+    def waits_for(self, run: Run) -> SafeString:
+        """What a sleeping or waiting run waits for and until when; the run that invoked this one."""
+        steps = run_steps(run)
+        return _include("waits", {"steps": steps, "until": _when(steps.until) if steps.until else ""})
+
+    @admin.display(description=_("steps"))
+    def step_timeline(self, run: Run) -> SafeString:
+        """The run's durable steps in position order, the first ``STEPS_SHOWN``: ``includes/steps.html``."""
+        steps = run_steps(run)
+        return _include("steps", {"rows": steps.rows, "more": steps.more, "shown": STEPS_SHOWN})
+
     def get_fields(self, request: HttpRequest, obj: Any = None) -> Any:
-        """The run page's fields, without the flow-control ones that have nothing to say."""
+        """The run page's fields, without the flow-control and step ones that have nothing to say."""
         fields = list(super().get_fields(request, obj))
         if isinstance(obj, Run):
             flow = run_flow(obj)
+            steps = run_steps(obj)
             hidden = {
                 "why": not flow.says_why,
+                "waits_for": not steps.says_what,
+                "step_timeline": not steps.rows,
                 "priority": obj.priority is None,
                 "merged_runs": not flow.merged,
             }
