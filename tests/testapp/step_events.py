@@ -196,3 +196,23 @@ def steps_any(ctx: Context) -> Any:
     """Waits for any steps/ping event (no match, no if_)."""
     got = ctx.step.wait_for_event("ping", event="steps/ping", timeout=60)
     return None if got is None else got.data
+
+
+@django_events.function(
+    "steps/wait-cancellable",
+    id="tests.steps_wait_cancellable",
+    retries=0,
+    cancel_on=django_events.CancelOn("steps/wait-cancellable.stop", match="data.key"),
+)
+def steps_wait_cancellable(ctx: Context) -> Any:
+    """Waits ``data.timeout`` seconds (1 by default) for steps/wait-cancellable.answer with the same
+    data.key; steps/wait-cancellable.stop with the key cancels it (the worker tests)."""
+    ctx.step.run("before", lambda: _call(ctx, "before-wait"))
+    got = ctx.step.wait_for_event(
+        "answer",
+        event="steps/wait-cancellable.answer",
+        match="data.key",
+        timeout=ctx.event.data.get("timeout", 1),
+    )
+    ctx.step.run("after", lambda: _call(ctx, "after-wait"))
+    return None if got is None else got.data
