@@ -12,6 +12,8 @@ nothing but an SQLite file (the queues are a table in it too):
 - ``DEBUG``: default ``True``.
 - ``ALLOWED_HOSTS``: comma-separated; default ``127.0.0.1,localhost,[::1]``.
 - ``EMAIL_FILE_PATH``: where e-mails are written as files; default ``<repo>/var/mail/``.
+- ``ONBOARDING_REMINDER_AFTER``: seconds a new user has to connect a first source before the
+  onboarding flow sends a reminder; default 86400 (a day). The demo's worker gets 3.
 """
 
 from __future__ import annotations
@@ -132,6 +134,10 @@ DJANGO_EVENTS = {
     "RETRY_BACKOFF_MIN": 1,
     "RETRY_BACKOFF_MAX": 4,
 }
+
+#: Seconds the onboarding flow (``sources.onboarding``) waits for a new user's first source before
+#: it sends a reminder e-mail.
+ONBOARDING_REMINDER_AFTER = env.float("ONBOARDING_REMINDER_AFTER", default=24 * 60 * 60)
 
 # E-mail: written as files, one per message, so you can read what was "sent" --------------------
 

@@ -1,14 +1,18 @@
-"""The functions that run, in the workers, when a source is connected.
+"""The functions that run, in the workers, when a source is connected or a user signs up.
 
 django-events imports this module in every process (it looks for ``events.py``
 in each installed app). Each function gets its own run per event, with its own
 retries: a flaky CRM does not delay the welcome e-mail, nor make the backfill
 run twice. Runs are executed at least once, so each function is idempotent, or
 harmless when repeated.
+
+``onboard_user`` is a flow of durable steps: a welcome e-mail, a wait of up to a
+day for the user's first source, and a reminder if none came.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import zlib
 from typing import Any
 
@@ -19,9 +23,13 @@ import django_events
 from django_events import Context, NonRetriableError
 
 from .models import Source
+from .views import SOURCE_CONNECTED, USER_SIGNED_UP
 
 #: How many attempts of ``sync_to_crm`` fail before the (pretend) CRM answers.
 CRM_FAILURES_BEFORE_SUCCESS = 2
+#: How long a new user has to connect a first source before the reminder, unless the setting
+#: ``ONBOARDING_REMINDER_AFTER`` (seconds or a ``timedelta``) says otherwise.
+DEFAULT_REMINDER_AFTER = dt.timedelta(days=1)
 
 
 def _source(ctx: Context) -> Source:
@@ -79,3 +87,54 @@ def sync_to_crm(ctx: Context) -> dict[str, Any]:
         raise ConnectionError(f"CRM unavailable: timed out (attempt {ctx.attempt}, will be retried).")
     ctx.logger.info("Synced source %s to the CRM.", source.pk)
     return {"crm_id": f"crm-{source.pk}", "attempt": ctx.attempt}
+
+
+def reminder_after() -> dt.timedelta:
+    """How long ``onboard_user`` waits for a first source: ``ONBOARDING_REMINDER_AFTER``, or a day."""
+    value = getattr(settings, "ONBOARDING_REMINDER_AFTER", None)
+    if value is None:
+        return DEFAULT_REMINDER_AFTER
+    return value if isinstance(value, dt.timedelta) else dt.timedelta(seconds=float(value))
+
+
+def _mail(email: str, subject: str, message: str) -> dict[str, str]:
+    send_mail(
+        subject=subject, message=message, from_email=settings.DEFAULT_FROM_EMAIL, recipient_list=[email]
+    )
+    return {"sent_to": email, "subject": subject}
+
+
+@django_events.function(USER_SIGNED_UP, id="sources.onboarding")
+def onboard_user(ctx: Context) -> dict[str, Any]:
+    """Onboard a new user: a welcome e-mail, then a wait for their first source, else a reminder.
+
+    Three durable steps. The run waits (status ``waiting``, out of the worker: no
+    thread is held) for an ``api/source.connected`` event with the user's e-mail,
+    for up to :func:`reminder_after` (a day by default). A source connected before
+    the wait began counts too, if it came after the sign-up. When the run comes back
+    from its wait, the function runs again from the top, and the welcome step returns
+    its kept result instead of sending the e-mail a second time.
+    """
+    email = ctx.event.data["email"]
+    ctx.step.run(
+        "welcome",
+        _mail,
+        email,
+        "Welcome to Example Sources",
+        "Hello,\n\nWelcome! Connect your first data source to start importing its history.\n",
+    )
+    first = ctx.step.wait_for_event(
+        "first-source", event=SOURCE_CONNECTED, match="data.email", timeout=reminder_after()
+    )
+    if first is not None:
+        ctx.logger.info("%s connected a first source (%s): no reminder.", email, first.data.get("source_id"))
+        return {"email": email, "first_source_id": first.data.get("source_id"), "reminded": False}
+    ctx.step.run(
+        "reminder",
+        _mail,
+        email,
+        "Connect your first source",
+        "Hello,\n\nYou have not connected a data source yet. It takes a minute: "
+        "POST /api/sources/ with its name and your e-mail.\n",
+    )
+    return {"email": email, "first_source_id": None, "reminded": True}

@@ -1,4 +1,4 @@
-"""The sources API, mounted under ``/api/``."""
+"""The sources API (and sign-up), mounted under ``/api/``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from . import views
 
 app_name = "sources"
 urlpatterns = [
+    path("users/", views.sign_up, name="sign_up"),
     path("sources/", views.connect_source, name="connect"),
     path("sources/<int:source_id>/runs/", views.source_runs, name="runs"),
 ]

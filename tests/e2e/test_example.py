@@ -10,6 +10,11 @@ environments, RabbitMQ in the PostgreSQL ones, on a fresh PostgreSQL database) a
 in the PostgreSQL environments, the database broker on PostgreSQL (``LISTEN/NOTIFY``).
 Each uses the example's own settings (not ``tests.settings``), a fresh database and
 mail directory, and a Dramatiq queue of its own.
+
+The example's onboarding flow (a welcome e-mail, a wait of up to a day for the user's
+first source, else a reminder) is also tested in-process, through the sign-up and
+sources API and ``django_events.testing.run_all`` on django-events' clock, so that its
+day passes at once; those tests are not marked ``e2e``.
 """
 
 from __future__ import annotations
@@ -23,10 +28,18 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.core import mail
+from django.test import Client
+
+from django_events import testing
+from django_events.models import Event, Run, RunStatus, Step
 
 REPO_DIR = Path(__file__).resolve().parents[2]
 #: What Django's file-based e-mail backend writes after each message.
@@ -69,8 +82,8 @@ def _explain(result: subprocess.CompletedProcess[str], worker_log: Path) -> str:
 def _check_summary(out: str, mail_dir: Path) -> None:
     """The demo's summary reports every outcome, the e-mails and the admin, and it stopped cleanly."""
     assert "Created the admin user: admin / " in out
-    assert "All 9 runs finished" in out
-    assert "Runs by status: succeeded 8, dead 1" in out
+    assert "All 11 runs finished" in out
+    assert "Runs by status: succeeded 10, dead 1" in out
     assert re.search(r"^ +Acme Shop +succeeded +1 attempt ", out, re.MULTILINE)
     # The CRM sync needed retries before it succeeded...
     assert re.search(r"^ +Acme Shop +succeeded +3 attempts \(2 retries\)", out, re.MULTILINE)
@@ -79,11 +92,23 @@ def _check_summary(out: str, mail_dir: Path) -> None:
     assert re.search(r"^ +Broken Warehouse +dead +4 attempts \(3 retries\)", out, re.MULTILINE)
     assert "Dead: sources.sync_to_crm for 'Broken Warehouse', after 4 attempts" in out
     assert "ConnectionError: CRM unavailable" in out
-    # The welcome e-mails were written where the settings said.
-    assert f"E-mails: 3 e-mails written to {mail_dir}" in out
+    # The onboarding flows: the user who connected a source got no reminder; the other got one,
+    # after the demo's few seconds, and each got one welcome e-mail (the replay did not resend it).
+    assert re.search(r"^  ana@acme.example: succeeded, no reminder$", out, re.MULTILINE)
+    assert re.search(r"^    first-source +wait +completed +after .*for 'Acme Shop'$", out, re.MULTILINE)
+    assert re.search(r"^  dee@initech.example: succeeded, reminded$", out, re.MULTILINE)
+    assert re.search(r"^    first-source +wait +completed +after .*: timed out", out, re.MULTILINE)
+    # Its wait left the worker: that attempt is reported as suspended, not as a retry.
+    assert re.search(r"^ +dee@initech.example +succeeded +\d+ attempts \(.*1 suspended\)", out, re.MULTILINE)
+    # The e-mails were written where the settings said, and the summary lists them.
+    assert f"E-mails: 6 e-mails written to {mail_dir}" in out
     written = "".join(path.read_text() for path in mail_dir.iterdir())
-    assert written.count(MAIL_SEPARATOR) == 3
+    assert written.count(MAIL_SEPARATOR) == 6
     assert "To: cy@warehouse.example" in written
+    assert written.count("Subject: Welcome to Example Sources") == 2
+    assert written.count("Subject: Connect your first source") == 1
+    assert re.search(r"^  to dee@initech.example +Connect your first source$", out, re.MULTILINE)
+    assert not re.search(r"^  to ana@acme.example +Connect your first source$", out, re.MULTILINE)
     # And it says where to look in the admin, and stops what it started.
     assert re.search(r"^Admin: .*/admin/.*log in as 'admin'", out, re.MULTILINE)
     assert out.rstrip().endswith("Stopped the worker and the site.")
@@ -223,3 +248,127 @@ def test_demo_runs_on_each_broker(tmp_path: Path, broker_url: str, database: str
     else:
         assert "Broker:   the database (DatabaseBroker" in result.stdout
     _check_summary(result.stdout, tmp_path / "mail")
+
+
+# The onboarding flow, in-process ----------------------------------------------------------------
+
+#: The subjects of the onboarding flow's two e-mails.
+WELCOME = "Welcome to Example Sources"
+REMINDER = "Connect your first source"
+
+
+def _post(client: Client, url: str, payload: dict[str, Any]) -> dict[str, Any]:
+    response = client.post(url, payload, content_type="application/json")
+    assert response.status_code == 201, response.content
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def _onboarding(email: str) -> Run:
+    return Run.objects.get(function="sources.onboarding", event__data__email=email)
+
+
+def _mails_to(email: str) -> list[str]:
+    return [str(message.subject) for message in mail.outbox if message.to == [email]]
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.urls("example_project.urls")
+def test_onboarding_sends_no_reminder_to_a_user_who_connects_a_source(
+    client: Client, mailoutbox: Any
+) -> None:
+    # Given: a user who signed up (the welcome e-mail is sent, the flow waits for a first source)
+    _post(client, "/api/users/", {"email": "ana@acme.example"})
+    testing.run_all()
+    assert _onboarding("ana@acme.example").status == RunStatus.WAITING
+    assert _mails_to("ana@acme.example") == [WELCOME]
+
+    # When: they connect a source, and then the day passes
+    connected = _post(client, "/api/sources/", {"name": "Acme Shop", "email": "ana@acme.example"})
+    testing.run_all()
+    testing.run_all(until=testing.now() + timedelta(days=2))
+
+    # Then: the wait ended with that source's event; no reminder; one welcome e-mail
+    run = _onboarding("ana@acme.example")
+    assert run.status == RunStatus.SUCCEEDED, run.last_error
+    assert run.result == {
+        "email": "ana@acme.example",
+        "first_source_id": connected["source_id"],
+        "reminded": False,
+    }
+    wait = Step.objects.get(run=run, step_id="first-source")
+    assert str(wait.resolved_event) == connected["event_id"]
+    assert not Step.objects.filter(run=run, step_id="reminder").exists()
+    assert sorted(_mails_to("ana@acme.example")) == sorted([WELCOME, "Acme Shop is connected"])
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.urls("example_project.urls")
+def test_onboarding_reminds_a_user_who_connects_no_source_within_a_day(
+    client: Client, mailoutbox: Any
+) -> None:
+    # Given: a user who signed up, and another user's source connected meanwhile
+    _post(client, "/api/users/", {"email": "dee@initech.example"})
+    testing.run_all()
+    _post(client, "/api/sources/", {"name": "Acme Shop", "email": "ana@acme.example"})
+    testing.run_all()
+
+    # When: almost a day passes, then the rest of it
+    testing.advance(timedelta(hours=23))
+    testing.run_due()
+    waiting = _onboarding("dee@initech.example")
+    reminded_early = _mails_to("dee@initech.example")
+    testing.run_all(until=testing.now() + timedelta(hours=1, seconds=1))
+
+    # Then: no reminder before the day was over; then one, and the welcome e-mail was not sent again
+    assert waiting.status == RunStatus.WAITING
+    assert reminded_early == [WELCOME]
+    run = _onboarding("dee@initech.example")
+    assert run.status == RunStatus.SUCCEEDED, run.last_error
+    assert run.result == {"email": "dee@initech.example", "first_source_id": None, "reminded": True}
+    assert Step.objects.get(run=run, step_id="first-source").resolved_event is None
+    assert _mails_to("dee@initech.example") == [WELCOME, REMINDER]
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.urls("example_project.urls")
+def test_onboarding_waits_as_long_as_the_setting_says(client: Client, mailoutbox: Any, settings: Any) -> None:
+    # Given: ONBOARDING_REMINDER_AFTER set to 3 seconds (the demo's worker's)
+    settings.ONBOARDING_REMINDER_AFTER = 3.0
+    _post(client, "/api/users/", {"email": "dee@initech.example"})
+    testing.run_all()
+
+    # When: 3 seconds pass on django-events' clock
+    testing.run_all(until=testing.now() + timedelta(seconds=3))
+
+    # Then: the reminder went out
+    assert _onboarding("dee@initech.example").status == RunStatus.SUCCEEDED
+    assert _mails_to("dee@initech.example") == [WELCOME, REMINDER]
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.urls("example_project.urls")
+def test_sign_up_stores_the_user_and_sends_its_event_and_refuses_bad_input(client: Client) -> None:
+    # When: a user signs up, then the same e-mail again, then bad input
+    body = _post(client, "/api/users/", {"email": "ana@acme.example"})
+    again = client.post("/api/users/", {"email": "ana@acme.example"}, content_type="application/json")
+    invalid = client.post("/api/users/", {"email": "not an e-mail"}, content_type="application/json")
+    not_text = client.post("/api/users/", {"email": 7}, content_type="application/json")
+    not_object = client.post("/api/users/", [1], content_type="application/json")
+
+    # Then: one user (no usable password) and one signed-up event holding its id and e-mail
+    user = get_user_model()._default_manager.get()
+    assert (user.get_username(), user.email, user.has_usable_password()) == (
+        "ana@acme.example",
+        "ana@acme.example",
+        False,
+    )
+    event = Event.objects.get(name="api/user.signed_up")
+    assert str(event.pk) == body["event_id"]
+    assert event.data == {"user_id": user.pk, "email": "ana@acme.example"}
+    assert again.status_code == 400
+    assert again.json()["fields"]["email"][0]["code"] == "unique"
+    assert invalid.status_code == 400
+    assert not_text.status_code == 400
+    assert not_object.status_code == 400
+    assert Event.objects.filter(name="api/user.signed_up").count() == 1

@@ -2,8 +2,9 @@
 
 With ``DRAMATIQ_BROKER_URL`` unset it needs no service: the queues are in the
 database. It migrates the database, starts a Dramatiq worker (``rundramatiq``) and the
-site, connects three sources over HTTP, waits until every run those events
-caused has finished, and prints what happened: retries, a dead run, e-mails.
+site, signs up two users and connects three sources over HTTP, waits until every run
+those events caused has finished, and prints what happened: retries, a dead run, the
+onboarding flows' steps (one user connects a source, the other gets a reminder), e-mails.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from email import message_from_bytes
+from email.policy import default as default_email_policy
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -38,10 +41,11 @@ from django.core.servers.basehttp import ThreadedWSGIServer, WSGIRequestHandler
 from django.db import connections
 from django.urls import reverse
 
-from django_events.models import Run, RunStatus
+from django_events.models import Attempt, AttemptOutcome, Event, Run, RunStatus, Step, StepKind, StepStatus
 from django_events.registry import functions_for
 
-from ...views import SOURCE_CONNECTED
+from ...models import Source
+from ...views import SOURCE_CONNECTED, USER_SIGNED_UP
 
 #: The repository root: ``manage.py`` is there, and the worker runs from there.
 REPO_DIR = Path(__file__).resolve().parents[4]
@@ -52,6 +56,11 @@ DEMO_SOURCES = [
     ("Globex Analytics", "bo@globex.example"),
     ("Broken Warehouse", "cy@warehouse.example"),
 ]
+#: The users the demo signs up, before it connects the sources: the first connects "Acme Shop",
+#: so its onboarding flow ends without a reminder; the second connects nothing and gets one.
+DEMO_USERS = ["ana@acme.example", "dee@initech.example"]
+#: Seconds the demo's worker gives a new user to connect a first source (a day by default).
+DEMO_REMINDER_AFTER = 3.0
 #: The admin user the demo creates, if there is none.
 ADMIN_USERNAME = "admin"
 #: Seconds the worker gets to stop after SIGTERM before it is killed.
@@ -60,6 +69,15 @@ WORKER_STOP_TIMEOUT = 20.0
 MAIL_SEPARATOR = b"\n" + b"-" * 79 + b"\n"
 #: Seconds between two looks at the database while waiting for the runs.
 POLL_INTERVAL = 0.2
+
+
+@dataclass(frozen=True)
+class SignedUp:
+    """A user the demo signed up through the API, and the event that sent."""
+
+    user_id: int
+    email: str
+    event_id: str
 
 
 @dataclass(frozen=True)
@@ -73,8 +91,8 @@ class Connected:
 
 class Command(BaseCommand):
     help = (
-        "Run the django-events example end to end: migrate, start a worker and the site, connect "
-        "three sources over HTTP, wait for their runs and print what happened."
+        "Run the django-events example end to end: migrate, start a worker and the site, sign up two "
+        "users and connect three sources over HTTP, wait for their runs and print what happened."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -134,6 +152,7 @@ class Command(BaseCommand):
         call_command("migrate", interactive=False, verbosity=0)
         self._say("Migrated the database.")
         self._ensure_admin_user()
+        self._forget_demo_users()
 
         mail_dir = Path(settings.MAIL_DIR)
         mails_before = mail_sizes(mail_dir)
@@ -146,9 +165,12 @@ class Command(BaseCommand):
                 base_url = stack.enter_context(serving_site(port))
                 self._say(f"Serving the site on {base_url}/")
 
-                connected = [self._connect(base_url, name, email) for name, email in DEMO_SOURCES]
-                self._wait_for_runs(connected, worker, log_path, timeout)
-                self._summarise(connected, mail_dir, mails_before, base_url, keep_running)
+                signed_up = [self._sign_up(base_url, address) for address in DEMO_USERS]
+                connected = [self._connect(base_url, name, address) for name, address in DEMO_SOURCES]
+                sent = {item.event_id: item.email for item in signed_up}
+                sent |= {item.event_id: item.name for item in connected}
+                self._wait_for_runs(list(sent), worker, log_path, timeout)
+                self._summarise(sent, mail_dir, mails_before, base_url, keep_running)
                 if keep_running:
                     self._say(
                         f"\nThe site and the worker keep running on {base_url}/. Press Ctrl-C to stop both."
@@ -193,6 +215,28 @@ class Command(BaseCommand):
         )
         self._say(f"Created the admin user: {ADMIN_USERNAME} / {password}  (printed only this once)")
 
+    def _forget_demo_users(self) -> None:
+        """Delete the users an earlier demo signed up, so that they sign up (and are onboarded) again."""
+        earlier = get_user_model()._default_manager.filter(username__in=DEMO_USERS)
+        names = sorted(earlier.values_list("username", flat=True))
+        if names:
+            earlier.delete()
+            self._say(
+                f"Deleted the users an earlier demo signed up ({', '.join(names)}), to sign them up again."
+            )
+
+    def _sign_up(self, base_url: str, address: str) -> SignedUp:
+        """Sign a user up as a client would: ``POST /api/users/`` over HTTP."""
+        url = f"{base_url}{reverse('sources:sign_up')}"
+        status, body = post_json(url, {"email": address})
+        if status != 201:
+            raise CommandError(f"POST {url} answered {status}: {body}")
+        self._say(
+            f"POST /api/users/   {address!r:22} -> {status} user_id={body['user_id']} "
+            f"event_id={body['event_id']}"
+        )
+        return SignedUp(user_id=body["user_id"], email=address, event_id=body["event_id"])
+
     def _connect(self, base_url: str, name: str, email: str) -> Connected:
         """Connect a source as a client would: ``POST /api/sources/`` over HTTP."""
         url = f"{base_url}{reverse('sources:connect')}"
@@ -200,16 +244,16 @@ class Command(BaseCommand):
         if status != 201:
             raise CommandError(f"POST {url} answered {status}: {body}")
         self._say(
-            f"POST /api/sources/ {name!r:20} -> {status} source_id={body['source_id']} "
+            f"POST /api/sources/ {name!r:22} -> {status} source_id={body['source_id']} "
             f"event_id={body['event_id']}"
         )
         return Connected(source_id=body["source_id"], name=name, event_id=body["event_id"])
 
     def _wait_for_runs(
-        self, connected: list[Connected], worker: subprocess.Popen[bytes], log_path: Path, timeout: float
+        self, event_ids: list[str], worker: subprocess.Popen[bytes], log_path: Path, timeout: float
     ) -> None:
         """Poll the database until every run of the demo's events is final, or fail after ``timeout``."""
-        runs = Run.objects.filter(event_id__in=[item.event_id for item in connected])
+        runs = Run.objects.filter(event_id__in=event_ids)
         total = runs.count()
         self._say(f"\nWaiting for the {total} runs these events caused (at most {timeout:g} s)...")
         started = time.monotonic()
@@ -242,20 +286,29 @@ class Command(BaseCommand):
 
     def _summarise(
         self,
-        connected: list[Connected],
+        names: dict[str, str],
         mail_dir: Path,
         mails_before: dict[Path, int],
         base_url: str,
         keep_running: bool,
     ) -> None:
-        names = {item.event_id: item.name for item in connected}
-        runs = list(Run.objects.filter(event_id__in=list(names)))
+        """Print the runs of the events sent (``names``: each event's id and what it is about)."""
+        runs = list(Run.objects.filter(event_id__in=list(names)).select_related("event"))
         width = max(len(name) for name in names.values())
-        order = {spec.id: index for index, spec in enumerate(functions_for(SOURCE_CONNECTED))}
-        by_source = {item.event_id: index for index, item in enumerate(connected)}
+        functions = [*functions_for(SOURCE_CONNECTED), *functions_for(USER_SIGNED_UP)]
+        order = {spec.id: index for index, spec in reversed(list(enumerate(functions)))}
+        by_event = {event_id: index for index, event_id in enumerate(names)}
         runs.sort(
-            key=lambda run: (order.get(run.function, len(order)), run.function, by_source[str(run.event_id)])
+            key=lambda run: (order.get(run.function, len(order)), run.function, by_event[str(run.event_id)])
         )
+
+        # Attempts that left the worker at a step (a wait) and came back are not retries.
+        suspended = Counter(
+            Attempt.objects.filter(run__in=runs, outcome=AttemptOutcome.SUSPENDED).values_list(
+                "run_id", flat=True
+            )
+        )
+        retries = {run.pk: max(run.attempts - 1 - suspended[run.pk], 0) for run in runs}
 
         self._say("\nRuns, by function:")
         function = None
@@ -264,18 +317,23 @@ class Command(BaseCommand):
                 function = run.function
                 self._say(f"  {function}")
             attempts = plural(run.attempts, "attempt")
-            if run.attempts > 1:
-                retries = run.attempts - 1
-                attempts += f" ({retries} {'retry' if retries == 1 else 'retries'})"
+            notes = (
+                [f"{retries[run.pk]} {'retry' if retries[run.pk] == 1 else 'retries'}"]
+                if retries[run.pk]
+                else []
+            )
+            notes += [f"{suspended[run.pk]} suspended"] if suspended[run.pk] else []
+            if notes:
+                attempts += f" ({', '.join(notes)})"
             shown = json.dumps(run.result) if run.status == RunStatus.SUCCEEDED else run.last_error
-            self._say(f"    {names[str(run.event_id)]:{width}}  {run.status:9}  {attempts:22}  {shown}")
+            self._say(f"    {names[str(run.event_id)]:{width}}  {run.status:9}  {attempts:24}  {shown}")
 
         counts = Counter(run.status for run in runs)
         self._say(
             "\nRuns by status: "
             + ", ".join(f"{status} {counts[status]}" for status in RunStatus if counts[status])
         )
-        retried_ok = [run for run in runs if run.status == RunStatus.SUCCEEDED and run.attempts > 1]
+        retried_ok = [run for run in runs if run.status == RunStatus.SUCCEEDED and retries[run.pk]]
         if retried_ok:
             run = retried_ok[0]
             self._say(
@@ -290,10 +348,13 @@ class Command(BaseCommand):
                 f"after {plural(run.attempts, 'attempt')}; last error: {run.last_error}"
             )
 
-        sent, files = new_mails(mail_dir, mails_before)
-        self._say(f"E-mails: {plural(sent, 'e-mail')} written to {mail_dir}{os.sep}, in:")
-        for path in files:
-            self._say(f"  {path.name}")
+        self._say_onboarding([run for run in runs if run.event.name == USER_SIGNED_UP], names)
+
+        mails = new_mails(mail_dir, mails_before)
+        self._say(f"E-mails: {plural(len(mails), 'e-mail')} written to {mail_dir}{os.sep}:")
+        to_width = max((len(to) for to, _subject in mails), default=0)
+        for to, subject in sorted(mails, key=lambda mail: mail[0]):
+            self._say(f"  to {to:{to_width}}  {subject}")
 
         runs_url = admin_runs_path()
         if keep_running:
@@ -308,8 +369,44 @@ class Command(BaseCommand):
                 f"and http://127.0.0.1:8000{runs_url}"
             )
 
+    def _say_onboarding(self, runs: list[Run], names: dict[str, str]) -> None:
+        """Print each onboarding run's steps: the welcome e-mail, the wait, and the reminder if any."""
+        if not runs:
+            return
+        self._say(
+            f"\nOnboarding, step by step (sources.onboarding; the demo's worker waits "
+            f"{DEMO_REMINDER_AFTER:g} s for a first source, not a day):"
+        )
+        steps = Step.objects.filter(run__in=runs).order_by("position")
+        by_run: dict[Any, list[Step]] = {}
+        for step in steps:
+            by_run.setdefault(step.run_id, []).append(step)
+        for run in runs:
+            outcome = ""
+            if run.status == RunStatus.SUCCEEDED and isinstance(run.result, dict):
+                outcome = ", reminded" if run.result.get("reminded") else ", no reminder"
+            self._say(f"  {names[str(run.event_id)]}: {run.status}{outcome}")
+            for step in by_run.get(run.pk, []):
+                self._say(f"    {step.step_id:12}  {step.kind:4}  {step.status:9}  {describe_step(step)}")
+
 
 # Helpers ---------------------------------------------------------------------------------------
+
+
+def describe_step(step: Step) -> str:
+    """What a step of the onboarding flow did: the e-mail it sent, the source it waited for, or its error."""
+    if step.status != StepStatus.COMPLETED:
+        return step.error or f"{step.status} since {step.started_at:%H:%M:%S}"
+    if step.kind == StepKind.WAIT:
+        took = f"after {step.duration.total_seconds():.1f} s" if step.duration is not None else ""
+        if step.resolved_event is None:
+            return f"{took}: timed out, no {step.event_name}"
+        data = Event.objects.filter(pk=step.resolved_event).values_list("data", flat=True).first() or {}
+        source = Source.objects.filter(pk=data.get("source_id", 0)).values_list("name", flat=True).first()
+        return f"{took}: {step.event_name} for {source!r}" if source else f"{took}: {step.event_name}"
+    if isinstance(step.result, dict) and "subject" in step.result:
+        return f"e-mail {step.result['subject']!r} to {step.result.get('sent_to')}"
+    return json.dumps(step.result)
 
 
 def check_broker(url: str, *, timeout: float = 5.0) -> None:
@@ -384,20 +481,29 @@ def mail_sizes(directory: Path) -> dict[Path, int]:
     return {path: path.stat().st_size for path in directory.iterdir() if path.is_file()}
 
 
-def new_mails(directory: Path, before: dict[Path, int]) -> tuple[int, list[Path]]:
-    """How many e-mails were written to ``directory`` since ``before`` was taken, and in which files.
+def new_mails(directory: Path, before: dict[Path, int]) -> list[tuple[str, str]]:
+    """The e-mails written to ``directory`` since ``before`` was taken: (recipients, subject) each.
 
     Django's file-based backend appends each message to its connection's file,
     followed by a line of 79 dashes; several connections may share a file.
     """
-    count, files = 0, []
+    mails = []
     for path, size in sorted(mail_sizes(directory).items()):
         if size > before.get(path, 0):
             with path.open("rb") as file:
                 file.seek(before.get(path, 0))
-                count += file.read().count(MAIL_SEPARATOR)
-            files.append(path)
-    return count, files
+                mails += [_to_and_subject(chunk) for chunk in _messages(file.read())]
+    return mails
+
+
+def _messages(written: bytes) -> Iterable[bytes]:
+    *messages, _rest = written.split(MAIL_SEPARATOR)
+    return messages
+
+
+def _to_and_subject(message: bytes) -> tuple[str, str]:
+    parsed = message_from_bytes(message, policy=default_email_policy)
+    return str(parsed.get("To", "")), str(parsed.get("Subject", ""))
 
 
 def plural(count: int, noun: str) -> str:
@@ -454,7 +560,13 @@ def running_worker(log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
     the terminal reaches only the demo, which then stops it gracefully; on
     Linux it is also sent SIGTERM if the demo dies without stopping it.
     """
-    env = {**os.environ, "DJANGO_SETTINGS_MODULE": settings.SETTINGS_MODULE, "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": settings.SETTINGS_MODULE,
+        "PYTHONUNBUFFERED": "1",
+        # A reminder after a few seconds instead of a day, to see the onboarding flow's timeout.
+        "ONBOARDING_REMINDER_AFTER": str(DEMO_REMINDER_AFTER),
+    }
     command = [
         sys.executable,
         str(REPO_DIR / "manage.py"),
