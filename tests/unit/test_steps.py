@@ -266,3 +266,20 @@ def test_an_atomic_step_of_an_attempt_that_lost_its_run_does_not_run():
     # The attempt that holds the run does run it, once.
     assert Steps(run, 2, using="default").atomic("reserve", lambda: 5) == 5
     assert Steps(run, 2, using="default").atomic("reserve", lambda: 6) == 5  # replay: the memo
+
+
+def test_a_step_run_memo_on_postgresql_is_one_statement_that_keeps_the_first_result():
+    from django.db import connection
+
+    from django_events.steps import Steps, _insert_without_flush
+
+    if connection.vendor != "postgresql":
+        pytest.skip("the statement without a WAL flush is PostgreSQL's")
+    send("steps/loop")
+    run = _run("tests.steps_loop")
+    first = Step(run=run, step_id="x", position=0, kind="run", status=StepStatus.COMPLETED, result=1)
+    assert _insert_without_flush(first, "default")
+    again = Step(run=run, step_id="x", position=0, kind="run", status=StepStatus.COMPLETED, result=2)
+    assert not _insert_without_flush(again, "default")  # the memo exists: the first result stands
+    assert Step.objects.get(run=run, step_id="x").result == 1
+    assert Steps(run, 1, using="default").run("x", lambda: 3) == 1
