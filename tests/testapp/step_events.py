@@ -216,3 +216,65 @@ def steps_wait_cancellable(ctx: Context) -> Any:
     )
     ctx.step.run("after", lambda: _call(ctx, "after-wait"))
     return None if got is None else got.data
+
+
+# -- the kill tests' functions (tests/faults/test_steps_kill.py) ---------------------------------
+# A time limit of 2 s, so a lease of 3 s with the faults' LEASE_MARGIN of 1 s: a killed attempt's run
+# is taken again within seconds. Each step that writes a Call returns the attempt that ran it, so its
+# memo says which execution's Call is the one that counted.
+
+
+def _mark(ctx: Context, name: str, pause: float = 0.0) -> int:
+    """A step's body: a Call row (committed at once), ``pause`` seconds, and the attempt number."""
+    _call(ctx, name)
+    if pause:
+        time.sleep(pause)
+    return ctx.attempt
+
+
+def _insert(ctx: Context, step: str, pause: float) -> int:
+    """A step.atomic's body: an Effect row, ``pause`` seconds inside the transaction, its pk."""
+    row = Effect.objects.create(run_id=str(ctx.run_id), step=step)
+    if pause:
+        time.sleep(pause)
+    return row.pk
+
+
+@django_events.function("steps/kill-atomic", id="tests.steps_kill_atomic", retries=20, time_limit=2)
+def steps_kill_atomic(ctx: Context) -> int:
+    """steps_atomic with a short lease: ``pause`` seconds inside the atomic step, ``after_pause`` in the
+    "after" step on the run's first attempt only."""
+    data = ctx.event.data
+    ctx.step.run("before", _mark, ctx, "kill_before")
+    pk = ctx.step.atomic("insert", _insert, ctx, "insert", float(data.get("pause", 0)))
+    after_pause = float(data.get("after_pause", 0)) if ctx.attempt == 1 else 0.0
+    ctx.step.run("after", _mark, ctx, "kill_after", after_pause)
+    return int(pk)
+
+
+@django_events.function("steps/kill-sleepy", id="tests.steps_kill_sleepy", retries=20, time_limit=2)
+def steps_kill_sleepy(ctx: Context) -> int:
+    """A step, a sleep of ``seconds``, then an atomic insert and a step of ``pause`` seconds each."""
+    data = ctx.event.data
+    pause = float(data.get("pause", 0))
+    ctx.step.run("before", _mark, ctx, "sleepy_before")
+    ctx.step.sleep("nap", float(data.get("seconds", 1)))
+    pk = ctx.step.atomic("insert", _insert, ctx, "woken", pause)
+    ctx.step.run("after", _mark, ctx, "sleepy_after", pause)
+    return int(pk)
+
+
+@django_events.function("steps/kill-wait", id="tests.steps_kill_wait", retries=20, time_limit=2)
+def steps_kill_wait(ctx: Context) -> int:
+    """A step, a wait (``timeout`` seconds, 600 by default) for steps/kill-answer with the same data.i,
+    then an atomic insert and a step of ``pause`` seconds each."""
+    data = ctx.event.data
+    pause = float(data.get("pause", 0))
+    timeout = float(data.get("timeout", 600))
+    ctx.step.run("before", _mark, ctx, "wait_before")
+    got = ctx.step.wait_for_event("answer", event="steps/kill-answer", match="data.i", timeout=timeout)
+    if got is None:
+        raise django_events.NonRetriableError("no answer within the wait's timeout")
+    pk = ctx.step.atomic("insert", _insert, ctx, "answered", pause)
+    ctx.step.run("after", _mark, ctx, "wait_after", pause)
+    return int(pk)
