@@ -198,6 +198,20 @@ def steps_any(ctx: Context) -> Any:
     return None if got is None else got.data
 
 
+@django_events.function("steps/wait-if-key", id="tests.steps_wait_if_key", retries=0)
+def steps_wait_if_key(ctx: Context) -> Any:
+    """Waits for a steps/answer-if with the same data.key that its if_ accepts (data.ok): the if_ race
+    trials' function (a matching event the if_ rejects only pokes the wait)."""
+    got = ctx.step.wait_for_event(
+        "answer",
+        event="steps/answer-if",
+        match="data.key",
+        timeout=600,
+        if_=lambda event: bool(event.data.get("ok")),
+    )
+    return None if got is None else got.data
+
+
 @django_events.function(
     "steps/wait-cancellable",
     id="tests.steps_wait_cancellable",
