@@ -98,6 +98,11 @@ class EventsSettings:
     #: after each). A connection that failed, or that a function left outside autocommit, is
     #: closed at once.
     WORKER_CONN_MAX_AGE: float | None = 300.0
+    #: Seconds before its trigger event's time (``created_at``, stamped when ``send()`` is called) an
+    #: event may have been sent and still end a run's ``step.wait_for_event`` (0 or more). Events
+    #: are stamped when sent but seen when committed: this covers a sender's transaction still
+    #: open when the trigger was sent, and clocks that differ between hosts.
+    WAIT_LOOKBACK: float = 60.0
     #: On PostgreSQL, prepare the hot path's statements (planned once per connection). Turn off
     #: behind a pooler that cannot keep prepared statements (pgbouncer before 1.21, transaction mode).
     PREPARED_STATEMENTS: bool = True
@@ -160,6 +165,11 @@ class EventsSettings:
                 self.DEFAULT_TIME_LIMIT is None
                 or (_is_duration(self.DEFAULT_TIME_LIMIT) and self.DEFAULT_TIME_LIMIT >= 0.001),
                 f"give None or a number of seconds from 0.001 {up_to}",
+            ),
+            (
+                "WAIT_LOOKBACK",
+                _is_duration(self.WAIT_LOOKBACK),
+                f"give a number of seconds from 0 {up_to}",
             ),
             ("PREPARED_STATEMENTS", isinstance(self.PREPARED_STATEMENTS, bool), "give True or False"),
             (

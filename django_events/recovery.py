@@ -90,7 +90,7 @@ from django.db import close_old_connections, connections, router, transaction
 from django.db.models import Count, F, Max, Q
 from django.utils import timezone
 
-from . import clock, cron, dispatch, flow, ledger
+from . import clock, cron, dispatch, flow, ledger, waits
 from .broker import DatabaseBroker
 from .conf import get_settings
 from .exceptions import WorkerLostError
@@ -132,6 +132,9 @@ class RecoveryReport:
     woken: list[tuple[Any, str]] = field(default_factory=list)
     #: Held runs cancelled because they waited past their ``Timeouts.start``.
     timed_out: list[Any] = field(default_factory=list)
+    #: Waiting runs woken because an event they wait for was matched again here (its sender
+    #: died between its commit and matching it): run ids.
+    rematched: list[Any] = field(default_factory=list)
     #: How the pass told lost messages from queued ones, if it found overdue waiting runs:
     #: :data:`QUEUE_EMPTY`, :data:`OVERTAKEN`, :data:`COUNTED_MISSING` or :data:`NO_COUNT`
     #: (empty when none was overdue).
@@ -140,7 +143,9 @@ class RecoveryReport:
     @property
     def total(self) -> int:
         """How many runs the pass touched."""
-        return len(self.requeued) + len(self.lost) + len(self.woken) + len(self.timed_out)
+        return (
+            len(self.requeued) + len(self.lost) + len(self.woken) + len(self.timed_out) + len(self.rematched)
+        )
 
 
 def recover(
@@ -162,17 +167,42 @@ def recover(
     _recover_lost(report, now, limit, using, dry_run)
     if not dry_run:
         report.woken, report.timed_out = flow.sweep(now=now, limit=limit, using=using)
+        report.rematched = _rematch(now - dt.timedelta(seconds=conf.RECOVERY_GRACE), limit, using)
     if report.total and not dry_run:
         logger.warning(
             "Recovery: re-enqueued %d overdue run(s)%s, took back %d run(s) whose worker died, woke %d "
-            "held run(s) and cancelled %d past their start timeout.",
+            "held run(s), cancelled %d past their start timeout and woke %d waiting run(s) whose event "
+            "was not matched by its sender.",
             len(report.requeued),
             f" ({report.reason})" if report.requeued else "",
             len(report.lost),
             len(report.woken),
             len(report.timed_out),
+            len(report.rematched),
         )
     return report
+
+
+#: Per database: the stamp up to which this process has matched sent events to waits again.
+_rematched_to: dict[str, dt.datetime] = {}
+
+#: How far back a process's first pass matches events again: a sender that died while no
+#: worker ran is covered for this long (later, the wait's timeout still finds its event).
+REMATCH_START = dt.timedelta(hours=1)
+
+
+def _rematch(until: dt.datetime, limit: int, using: str) -> list[Any]:
+    """Match to waits again the events sent up to ``until`` (the grace before now) since the last pass.
+
+    A sender matches its events after its commit (``waits.deliver``); one that died in
+    between left its waits for their timeout. ``until`` leaves senders the grace to do it.
+    """
+    since = _rematched_to.get(using, until - REMATCH_START)
+    if since >= until:
+        return []
+    woken, more = waits.redeliver(since=since, until=until, limit=limit, using=using)
+    _rematched_to[using] = more or until
+    return woken
 
 
 @dataclass(frozen=True)

@@ -37,9 +37,10 @@ from django.db import IntegrityError, router, transaction
 from django.db.models import F
 
 from . import clock, dispatch, ledger
+from .conf import get_settings
 from .models import Event, Run, Step, StepKind, StepStatus, WaitPath
 
-__all__ = ["deliver", "match_key", "value_at"]
+__all__ = ["deliver", "match_key", "redeliver", "value_at"]
 
 logger = logging.getLogger("django_events")
 
@@ -47,6 +48,10 @@ _MISSING = object()
 
 #: Events read at a time while a wait looks back for its event.
 _LOOK_CHUNK = 500
+
+
+def _lookback() -> dt.timedelta:
+    return dt.timedelta(seconds=get_settings().WAIT_LOOKBACK)
 
 
 def value_at(event: Event, path: str) -> Any:
@@ -90,6 +95,12 @@ def look(
 ) -> Event | None:
     """The first event sent since ``run``'s trigger that ends ``step``: its name, match and ``accept``.
 
+    "Since" is by the events' stamps (``created_at``), less ``WAIT_LOOKBACK``: an event
+    committed after the trigger may have been stamped a little before it (its sender's
+    transaction was open, or its host's clock is behind). A sender applies the same
+    bound (:func:`deliver`), so whichever side sees the other, an event counts or not
+    alike.
+
     Events that ended another wait of the run are passed over, so that a loop of
     waits for the same event takes each event once.
     """
@@ -98,7 +109,7 @@ def look(
     used = Step.objects.using(using).filter(run_id=run.pk, resolved_event__isnull=False).exclude(pk=step.pk)
     candidates = (
         Event.objects.using(using)
-        .filter(name=step.event_name, created_at__gte=trigger.created_at)
+        .filter(name=step.event_name, created_at__gte=trigger.created_at - _lookback())
         .exclude(pk=trigger.pk)
         .exclude(pk__in=used.values("resolved_event"))
         .order_by("created_at", "id")
@@ -188,6 +199,7 @@ def _deliver_one(event: Event, key: str, *, using: str) -> list[Any]:
     matching = (
         Step.objects.using(using)
         .filter(status=StepStatus.WAITING, kind=StepKind.WAIT, event_name=event.name, match_key=key)
+        .filter(run__event__created_at__lte=event.created_at + _lookback())  # as look() bounds it
         .exclude(run__event_id=event.pk)  # a run's own trigger never ends its waits
     )
     with transaction.atomic(using=using):
@@ -208,6 +220,30 @@ def _deliver_one(event: Event, key: str, *, using: str) -> list[Any]:
         runs = ledger.resume([run for _pk, run, _checks in rows], using=using, now=now)
         dispatch.send_with_transaction(runs, using)
     return [pk for pk, _function in runs]
+
+
+def redeliver(
+    *, since: dt.datetime, until: dt.datetime, limit: int, using: str
+) -> tuple[list[Any], dt.datetime | None]:
+    """Match again the events sent from ``since`` to ``until`` whose name some wait has used.
+
+    A sender matches its events after its commit; if its process died in between,
+    nobody would until each wait's timeout (whose last look finds the event, late).
+    Recovery calls this on the events old enough that their sender should have matched
+    them. Matching is a conditional update, so doing it twice is harmless. Returns
+    the ids of the runs woken, and the stamp of the last event matched if ``limit``
+    cut the batch short (the next call goes on from there), else ``None``.
+    """
+    names = list(WaitPath.objects.using(using).values_list("event_name", flat=True).distinct())
+    if not names:
+        return [], None
+    events = list(
+        Event.objects.using(using)
+        .filter(name__in=names, created_at__gte=since, created_at__lt=until)
+        .order_by("created_at", "id")[:limit]
+    )
+    woken = deliver(events, using=using) if events else []
+    return woken, events[-1].created_at if len(events) == limit else None
 
 
 def invoked_ended(children: Iterable[Run], *, using: str, now: dt.datetime) -> None:

@@ -501,9 +501,8 @@ def test_kill_while_waits_are_resolved(fleet: Workers) -> None:
 
 
 def test_sender_killed_while_it_resolves_waits(fleet: Workers) -> None:
-    # Given runs waiting for their answers (a wait of 10 s at most: enough for every run to be waiting
-    # before the answers come)
-    count, timeout = scaled(100), 10.0
+    # Given runs waiting for their answers (for 60 s at most: far longer than recovery's grace, 5 s)
+    count, timeout = scaled(100), 60.0
     django_events.send_many(
         [{"name": "steps/kill-wait", "data": {"i": i, "timeout": timeout}} for i in range(count)]
     )
@@ -537,8 +536,9 @@ def test_sender_killed_while_it_resolves_waits(fleet: Workers) -> None:
     assert sender.returncode == -9, sender.stderr[-3000:]
     resolved_by_sender = waits.filter(resolved_event__isnull=False).count()
 
-    # Then every run succeeds with its answer: the run the sender woke is sent by recovery; the waits
-    # the sender had not reached find their answers when their timeout comes (not missed, but late)
+    # Then every run succeeds with its answer, long before the waits' timeout: the run the sender
+    # woke is sent again by recovery, and recovery matches the answers the sender never reached
+    # (recovery.recover's rematch, once RECOVERY_GRACE has passed)
     wait_until(
         lambda: all_final(WAITER, count),
         timeout=patience(90),
@@ -560,6 +560,7 @@ def test_sender_killed_while_it_resolves_waits(fleet: Workers) -> None:
     report("steps_sender_killed_while_it_resolves_waits", figures)
     assert resolved_by_sender == 1
     assert waits.filter(resolved_event__isnull=False).count() == count
+    assert ended[-1] < timeout / 2, "the waits ended by their timeout, not by recovery's rematch"
     assert figures["duplicate_effects"] == figures["missing_effects"] == 0
 
 

@@ -7,7 +7,7 @@ import datetime as dt
 import pytest
 
 from django_events import send
-from django_events.models import Attempt, AttemptOutcome, Run, RunStatus, Step, StepStatus
+from django_events.models import Attempt, AttemptOutcome, Event, Run, RunStatus, Step, StepStatus
 from django_events.testing import advance, reset_clock, run_all
 from tests.testapp.models import Call, Effect
 
@@ -283,3 +283,48 @@ def test_a_step_run_memo_on_postgresql_is_one_statement_that_keeps_the_first_res
     assert not _insert_without_flush(again, "default")  # the memo exists: the first result stands
     assert Step.objects.get(run=run, step_id="x").result == 1
     assert Steps(run, 1, using="default").run("x", lambda: 3) == 1
+
+
+def test_an_event_stamped_before_the_trigger_but_committed_after_it_ends_the_wait(settings):
+    # The answer's sender stamped it before the trigger (its transaction was open, or its clock
+    # behind), and committed it before the wait existed: only the wait's look can find it.
+    trigger = send("steps/wait", {"key": "early"})
+    answer = send("steps/answer", {"key": "early", "n": 1})
+    Event.objects.filter(pk=answer.pk).update(created_at=trigger.created_at - dt.timedelta(seconds=10))
+    run_all()
+    run = _run("tests.steps_wait")
+    assert run.status == RunStatus.SUCCEEDED
+    assert run.result == {"key": "early", "n": 1}
+
+
+def test_events_stamped_more_than_wait_lookback_before_the_trigger_do_not_count(settings):
+    settings.DJANGO_EVENTS = {"WAIT_LOOKBACK": 5}
+    trigger = send("steps/wait", {"key": "old"})
+    answer = send("steps/answer", {"key": "old", "n": 1})
+    Event.objects.filter(pk=answer.pk).update(created_at=trigger.created_at - dt.timedelta(seconds=10))
+    run_all()
+    assert _run("tests.steps_wait").status == RunStatus.WAITING
+
+
+def test_recovery_matches_an_event_whose_sender_died_before_matching_it(monkeypatch):
+    from django_events import recovery, sending
+    from django_events.conf import get_settings
+
+    send("steps/wait", {"key": "lost"})
+    run_all()
+    assert _run("tests.steps_wait").status == RunStatus.WAITING
+    monkeypatch.setattr(recovery, "_rematched_to", {})
+    with monkeypatch.context() as patched:
+        patched.setattr(sending, "_deliver", lambda events, using: None)  # the sender dies after commit
+        send("steps/answer", {"key": "lost", "n": 2})
+    assert _run("tests.steps_wait").status == RunStatus.WAITING
+    assert recovery.recover().rematched == []  # within the grace: its sender may still match it
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=get_settings().RECOVERY_GRACE + 1)
+    report = recovery.recover(now=later)
+    run = _run("tests.steps_wait")
+    assert report.rematched == [run.pk]
+    assert run.status == RunStatus.PENDING
+    run_all()
+    run = _run("tests.steps_wait")
+    assert run.status == RunStatus.SUCCEEDED
+    assert run.result == {"key": "lost", "n": 2}
