@@ -1,6 +1,7 @@
 """The django-events functions the benchmarks run: no-ops, a fan-out of ten, and a latency probe.
 
-With ``BENCH_FLOW=1`` also the flow-control benchmarks' functions (``flow_events.py``).
+With ``BENCH_FLOW=1`` also the flow-control benchmarks' functions (``flow_events.py``), and
+with ``BENCH_STEPS=1`` the durable-step benchmarks' function (``step_events.py``).
 """
 
 from __future__ import annotations
@@ -35,3 +36,6 @@ for _n in range(FANOUT):
 
 if os.environ.get("BENCH_FLOW") == "1":
     from . import flow_events  # noqa: F401  (registers the flow-control benchmarks' functions)
+
+if os.environ.get("BENCH_STEPS") == "1":
+    from . import step_events  # noqa: F401  (registers the durable-step benchmarks' function)
