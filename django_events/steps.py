@@ -399,9 +399,7 @@ class Steps:
         now = clock.now()
         if memo is not None:
             if memo.status == StepStatus.WAITING:  # woken: the sleep is over
-                Step.objects.using(self._using).filter(pk=memo.pk, status=StepStatus.WAITING).update(
-                    status=StepStatus.COMPLETED, finished_at=now
-                )
+                _sleep_over(memo, now, self._using)
             return
         row = Step(
             run_id=self._run.pk,
@@ -538,6 +536,12 @@ class Steps:
         if kind == StepKind.RUN and _insert_without_flush(row, self._using):
             self._remember(row)
             return row.result
+        if kind != StepKind.RUN:
+            # In the step's own transaction, with the run locked for this attempt (``_hold``): no
+            # other attempt inserts this memo meanwhile, so no savepoint is needed to catch one.
+            row.save(using=self._using, force_insert=True)
+            self._remember(row)
+            return row.result
         return self._save_new(row).result
 
     def _failed(
@@ -616,6 +620,24 @@ def _memo_insert_sql(using: str) -> tuple[str, list[Any]]:
         f"ON CONFLICT DO NOTHING RETURNING {quote(rawsql.column(Step._meta.pk))}"
     )
     return sql, fields
+
+
+def _sleep_over(step: Step, now: dt.datetime, using: str) -> None:
+    """Mark a sleep completed once its run is woken: for the run's timeline only.
+
+    Replays tell a sleep is over from its row existing, whatever its status, so on
+    PostgreSQL (in autocommit) this write does not wait for its WAL flush: a crash may
+    undo it, and the next wake-up writes it again. One flushed commit fewer per sleep.
+    """
+    connection = connections[using]
+    pending = Step.objects.using(using).filter(pk=step.pk, status=StepStatus.WAITING)
+    if connection.vendor != "postgresql" or connection.in_atomic_block:
+        pending.update(status=StepStatus.COMPLETED, finished_at=now)
+        return
+    with transaction.atomic(using=using):
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT set_config('synchronous_commit', 'off', true)")
+        pending.update(status=StepStatus.COMPLETED, finished_at=now)
 
 
 def _check_callable(fn: object, what: str) -> None:

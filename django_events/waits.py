@@ -31,12 +31,13 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Iterable, Sequence
+from functools import cache
 from typing import Any
 
-from django.db import IntegrityError, router, transaction
+from django.db import IntegrityError, connections, router, transaction
 from django.db.models import F
 
-from . import clock, dispatch, ledger
+from . import clock, dispatch, ledger, rawsql
 from .conf import get_settings
 from .models import Event, Run, Step, StepKind, StepStatus, WaitPath
 
@@ -172,12 +173,7 @@ def deliver(events: Sequence[Event], *, using: str | None = None) -> list[Any]:
     rows): an event nobody waits for costs that one query.
     """
     using = using or router.db_for_write(Step)
-    names = {event.name for event in events}
-    paths: dict[str, list[str]] = {}
-    for name, path in (
-        WaitPath.objects.using(using).filter(event_name__in=names).values_list("event_name", "path")
-    ):
-        paths.setdefault(name, []).append(path)
+    paths = _paths_for(sorted({event.name for event in events}), using)
     if not paths:
         return []
     woken: list[Any] = []
@@ -192,6 +188,31 @@ def deliver(events: Sequence[Event], *, using: str | None = None) -> list[Any]:
                 key = match_key("", None)
             woken += _deliver_one(event, key, using=using)
     return woken
+
+
+def _paths_for(names: list[str], using: str) -> dict[str, list[str]]:
+    """The match paths some wait used, per event name among ``names``: what every send asks.
+
+    One prepared statement (``rawsql.cursor``: planned once per connection on
+    PostgreSQL), not an ORM query: for a send of an event nobody waits for, building
+    the ORM's query cost more than the send's own insert (benchmarks/steps.py).
+    """
+    paths: dict[str, list[str]] = {}
+    with rawsql.cursor(using) as cursor:
+        cursor.execute(_paths_sql(using, len(names)), names)
+        for name, path in cursor.fetchall():
+            paths.setdefault(name, []).append(path)
+    return paths
+
+
+@cache
+def _paths_sql(using: str, count: int) -> str:
+    quote = connections[using].ops.quote_name
+    fields = {field.name: quote(rawsql.column(field)) for field in WaitPath._meta.concrete_fields}
+    return (
+        f"SELECT {fields['event_name']}, {fields['path']} FROM {quote(WaitPath._meta.db_table)} "
+        f"WHERE {fields['event_name']} IN ({', '.join(['%s'] * count)})"
+    )
 
 
 def _deliver_one(event: Event, key: str, *, using: str) -> list[Any]:
