@@ -630,14 +630,20 @@ def _sleep_over(step: Step, now: dt.datetime, using: str) -> None:
     undo it, and the next wake-up writes it again. One flushed commit fewer per sleep.
     """
     connection = connections[using]
-    pending = Step.objects.using(using).filter(pk=step.pk, status=StepStatus.WAITING)
     if connection.vendor != "postgresql" or connection.in_atomic_block:
-        pending.update(status=StepStatus.COMPLETED, finished_at=now)
+        Step.objects.using(using).filter(pk=step.pk, status=StepStatus.WAITING).update(
+            status=StepStatus.COMPLETED, finished_at=now
+        )
         return
-    with transaction.atomic(using=using):
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT set_config('synchronous_commit', 'off', true)")
-        pending.update(status=StepStatus.COMPLETED, finished_at=now)
+    quote = connection.ops.quote_name
+    f = {field.name: quote(rawsql.column(field)) for field in Step._meta.concrete_fields}
+    with rawsql.cursor(using) as cursor:
+        cursor.execute(
+            "WITH no_flush AS (SELECT set_config('synchronous_commit', 'off', true)) "
+            f"UPDATE {quote(Step._meta.db_table)} SET {f['status']} = %s, {f['finished_at']} = %s "
+            f"FROM no_flush WHERE {f['id']} = %s AND {f['status']} = %s",
+            [StepStatus.COMPLETED.value, now, step.pk, StepStatus.WAITING.value],
+        )
 
 
 def _check_callable(fn: object, what: str) -> None:
