@@ -335,14 +335,7 @@ def record(
     if isinstance(result, Suspension):
         return _suspend(run, attempt, started, result, using=using, enqueue=enqueue)
     finished = clock.now()
-    attempt_row = Attempt(
-        run_id=run.pk,
-        number=attempt,
-        started_at=started,
-        finished_at=finished,
-        worker_host=_hostname(),
-        worker_pid=os.getpid(),
-    )
+    attempt_row = _attempt_row(run, attempt, started, finished)
     outcome = _Outcome.of(failure, result, finished)
     deadline = flow.finish_deadline(run)
     if (
@@ -387,6 +380,21 @@ def record(
     _log_outcome(run, attempt_row, execution)
     _send_signals(run, attempt_row, execution, result, failure)
     return execution
+
+
+def _attempt_row(
+    run: Run, attempt: int, started: dt.datetime, finished: dt.datetime, **fields: Any
+) -> Attempt:
+    """The row of attempt ``attempt`` of ``run``, made in this worker (its host and pid)."""
+    return Attempt(
+        run_id=run.pk,
+        number=attempt,
+        started_at=started,
+        finished_at=finished,
+        worker_host=_hostname(),
+        worker_pid=os.getpid(),
+        **fields,
+    )
 
 
 @dataclass(frozen=True)
@@ -494,13 +502,11 @@ def _suspend(
     message that wakes it at its time, and its concurrency slots' release.
     """
     finished = clock.now()
-    attempt_row = Attempt(
-        run_id=run.pk,
-        number=attempt,
-        started_at=started,
-        finished_at=finished,
-        worker_host=_hostname(),
-        worker_pid=os.getpid(),
+    attempt_row = _attempt_row(
+        run,
+        attempt,
+        started,
+        finished,
         outcome=AttemptOutcome.SUSPENDED,
         message=clip(storable(suspension.describe()), MESSAGE_LENGTH),
     )

@@ -21,7 +21,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -50,6 +50,9 @@ logger = logging.getLogger("django_events")
 
 #: The longest step id accepted (a suffix ``:N`` may come on top).
 MAX_STEP_ID = 200
+
+#: What a step's body returns when the step returns its result as stored.
+_STORED = object()
 
 #: The most characters of a failed step's traceback kept.
 TRACEBACK_LENGTH = 20_000
@@ -131,15 +134,11 @@ class Steps:
         if memo is not None and memo.status == StepStatus.COMPLETED:
             return memo.result
         _check_callable(fn, "step.run")
-        started = clock.now()
-        attempts = (memo.attempts if memo else 0) + 1
-        try:
-            with self._running(full):
-                result = json_result(fn(*args, **kwargs), f"Step {full!r}")
-        except BaseException as exc:
-            self._failed(full, position, StepKind.RUN, memo, exc, started, attempts)
-            raise
-        return self._completed(full, position, StepKind.RUN, memo, result, started, attempts)
+
+        def body() -> tuple[Any, Any]:
+            return json_result(fn(*args, **kwargs), f"Step {full!r}"), _STORED
+
+        return self._execute(full, position, StepKind.RUN, memo, body, hold=False)
 
     def atomic(self, step_id: str, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         """Run ``fn(*args, **kwargs)`` in ``transaction.atomic()`` with the step's memo: exactly once.
@@ -155,19 +154,12 @@ class Steps:
         if memo is not None and memo.status == StepStatus.COMPLETED:
             return memo.result
         _check_callable(fn, "step.atomic")
-        started = clock.now()
-        attempts = (memo.attempts if memo else 0) + 1
-        try:
-            with self._running(full), transaction.atomic(using=self._using):
-                self._hold()
-                with _writes_only_on(self._using, full):
-                    result = json_result(fn(*args, **kwargs), f"Step {full!r}")
-                return self._completed(full, position, StepKind.ATOMIC, memo, result, started, attempts)
-        except StaleAttemptError:
-            raise
-        except BaseException as exc:
-            self._failed(full, position, StepKind.ATOMIC, memo, exc, started, attempts)
-            raise
+
+        def body() -> tuple[Any, Any]:
+            with _writes_only_on(self._using, full):
+                return json_result(fn(*args, **kwargs), f"Step {full!r}"), _STORED
+
+        return self._execute(full, position, StepKind.ATOMIC, memo, body, hold=True)
 
     def send_event(
         self,
@@ -188,21 +180,13 @@ class Steps:
             stored = Event.objects.using(self._using).filter(pk=event_id).first() if event_id else None
             return stored or Event(name=name, data=data or {})  # pruned since: what was sent
         validate_event(name, data, None, delay, run_at)  # bad input fails before anything is stored
-        started = clock.now()
-        attempts = (memo.attempts if memo else 0) + 1
-        try:
-            with transaction.atomic(using=self._using):
-                self._hold()
-                event = send(name, data, delay=delay, run_at=run_at)
-                self._completed(
-                    full, position, StepKind.SEND, memo, {"event_id": str(event.pk)}, started, attempts
-                )
-                return event
-        except StaleAttemptError:
-            raise
-        except BaseException as exc:
-            self._failed(full, position, StepKind.SEND, memo, exc, started, attempts)
-            raise
+
+        def body() -> tuple[Any, Any]:
+            event = send(name, data, delay=delay, run_at=run_at)
+            return {"event_id": str(event.pk)}, event
+
+        result: Event = self._execute(full, position, StepKind.SEND, memo, body, hold=True)
+        return result
 
     def sleep(self, step_id: str, duration: float | dt.timedelta) -> None:
         """Leave the worker for ``duration`` (seconds or a ``timedelta``); the run goes on after it.
@@ -393,6 +377,34 @@ class Steps:
         return memo.result
 
     # -- bookkeeping -----------------------------------------------------------------------------
+
+    def _execute(
+        self,
+        full: str,
+        position: int,
+        kind: str,
+        memo: Step | None,
+        body: Callable[[], tuple[Any, Any]],
+        *,
+        hold: bool,
+    ) -> Any:
+        """Run a step's ``body`` (which returns what to store and what to return, or ``_STORED``: the
+        stored result) and keep its memo; keep its failure if it raises.
+
+        ``hold``: in one transaction with the memo, the run locked for this attempt (atomic steps).
+        """
+        started = clock.now()
+        attempts = (memo.attempts if memo else 0) + 1
+        try:
+            with self._running(full), transaction.atomic(using=self._using) if hold else nullcontext():
+                if hold:
+                    self._hold()
+                stored, returned = body()
+                result = self._completed(full, position, kind, memo, stored, started, attempts)
+        except BaseException as exc:
+            self._failed(full, position, kind, memo, exc, started, attempts)
+            raise
+        return result if returned is _STORED else returned
 
     def _sleep(self, step_id: str, until: dt.datetime) -> None:
         full, position, memo = self._next(step_id, StepKind.SLEEP)
