@@ -23,6 +23,7 @@ from django_events import send
 from django_events.admin import STEP_RESULT_CHARS, STEPS_SHOWN
 from django_events.models import Event, Run, RunStatus, Step, StepKind, StepStatus
 from django_events.testing import reset_clock, run_all, run_due
+from tests.admin.plans import seq_scans
 
 RUNS = reverse("admin:django_events_run_changelist")
 SCRIPT = "<script>alert(1)</script>"
@@ -364,16 +365,8 @@ def test_the_steps_are_read_through_an_index(admin_client, db):
     assert statements
 
     # When each is planned with table scans discouraged
-    plans = []
-    with transaction.atomic(), connection.cursor() as cursor:
-        cursor.execute("SET LOCAL enable_seqscan = off")
-        for sql in statements:
-            cursor.execute("EXPLAIN " + sql)
-            plans.append((sql, "\n".join(row[0] for row in cursor.fetchall())))
-
     # Then none reads the whole table of steps
-    for sql, plan in plans:
-        assert "Seq Scan on django_events_step" not in plan, f"{sql}\n{plan}"
+    assert seq_scans(statements, "django_events_step") == []
 
 
 # -- the run list ----------------------------------------------------------------------------------
