@@ -274,7 +274,12 @@ def _call(run: Run, attempt: int, log: logging.LoggerAdapter[logging.Logger]) ->
         step=Steps(run, attempt, using=run._state.db or router.db_for_write(Run)),
     )
     try:
-        return json_result(spec.fn(ctx)), None
+        value = spec.fn(ctx)
+        if ctx.step.suspended is not None:
+            # It caught the Suspend of a sleep, a wait or an invoke and returned: the run leaves
+            # the worker all the same, and its replay goes on from that step.
+            return ctx.step.suspended, None
+        return json_result(value), None
     except Suspend as suspend:
         return suspend.suspension, None
     except Shutdown as exc:

@@ -119,6 +119,8 @@ class Steps:
         self._counts: dict[str, int] = {}
         self._position = 0
         self._inside: str | None = None
+        #: Set once a sleep, a wait or an invoke made the function leave (``Suspend``).
+        self.suspended: Suspension | None = None
 
     # -- the steps -------------------------------------------------------------------------------
 
@@ -283,7 +285,7 @@ class Steps:
             if waits.finish(memo, using=self._using, now=now):
                 return None
             return self._event(self._reload(memo).resolved_event)
-        raise Suspend(Suspension(RunStatus.WAITING, memo.wake_at, memo, pokes))
+        raise self._leave(Suspension(RunStatus.WAITING, memo.wake_at, memo, pokes))
 
     def invoke(
         self,
@@ -366,7 +368,7 @@ class Steps:
                     error=f"run {memo.invoked_run} did not end within the step's timeout",
                 )
             else:
-                raise Suspend(Suspension(RunStatus.WAITING, memo.wake_at, memo, pokes))
+                raise self._leave(Suspension(RunStatus.WAITING, memo.wake_at, memo, pokes))
             memo = self._reload(memo)
         failed = isinstance(memo.result, dict) and set(memo.result) == {"failed"}
         if memo.error or failed:
@@ -426,10 +428,18 @@ class Steps:
             row.status, row.finished_at = StepStatus.COMPLETED, now
             self._save_new(row)
             return
-        raise Suspend(Suspension(RunStatus.SLEEPING, until, row))
+        raise self._leave(Suspension(RunStatus.SLEEPING, until, row))
+
+    def _leave(self, suspension: Suspension) -> Suspend:
+        """The exception that makes the function leave; remembered, should the function swallow it."""
+        self.suspended = suspension
+        return Suspend(suspension)
 
     def _next(self, step_id: str, kind: str) -> tuple[str, int, Step | None]:
         """The step's full id and position in this execution, and its memo; check the replay's order."""
+        if self.suspended is not None:
+            # The function caught the Suspend (a bare except) and went on: it still leaves here.
+            raise Suspend(self.suspended)
         if self._inside is not None:
             raise DjangoEventsError(
                 f"Step {step_id!r} was called inside the code of step {self._inside!r}: steps cannot nest. "

@@ -328,3 +328,19 @@ def test_recovery_matches_an_event_whose_sender_died_before_matching_it(monkeypa
     run = _run("tests.steps_wait")
     assert run.status == RunStatus.SUCCEEDED
     assert run.result == {"key": "lost", "n": 2}
+
+
+def test_a_function_that_swallows_its_sleep_still_leaves_the_worker_and_goes_on_after_it():
+    from django_events.testing import run_due
+
+    send("steps/swallow")
+    run_due()
+    run = _run("tests.steps_swallow")
+    assert run.status == RunStatus.SLEEPING  # not succeeded with "returned"
+    assert not Call.objects.filter(function="after-swallow").exists()  # no step ran after the sleep
+    advance(61)
+    run_due()
+    run = _run("tests.steps_swallow")
+    assert run.status == RunStatus.SUCCEEDED
+    assert run.result == "returned"
+    assert Call.objects.filter(function="after-swallow").count() == 1
