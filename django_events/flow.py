@@ -407,6 +407,8 @@ def _decide(
         moved = ledger.hold_back(run, to, using=using, now=now, reason=reason)
         if moved and to == RunStatus.DEAD and on_dead is not None:
             on_dead(run)  # in this transaction: the run.dead event commits with the move
+        if moved and run.parent is not None:
+            waits.invoked_ended([run], using=using, now=now)  # its caller's invoke ends too
         return HELD_BACK
     slots: list[str] = []
     kept: list[str] = []  # slots kept for the run (it was woken)
@@ -660,6 +662,7 @@ def sweep(*, now: dt.datetime, limit: int, using: str) -> tuple[list[tuple[Any, 
             now=now,
             reason=f"cancelled: not started within {describe_period(start)} (Timeouts.start)",
         ):
+            waits.invoked_ended_ids(late, using=using, now=now)  # callers of a cancelled invoke go on
             timed_out += late
     return woken, timed_out
 

@@ -303,3 +303,20 @@ def steps_swallow(ctx: Context) -> str:
     with contextlib.suppress(BaseException):
         ctx.step.run("after", lambda: _call(ctx, "after-swallow"))
     return "returned"
+
+
+@django_events.function(
+    "steps/start-child", id="tests.steps_start_child", timeouts=django_events.Timeouts(start=60)
+)
+def steps_start_child(ctx: Context) -> str:
+    """An invoked function whose run is cancelled if it has not started within a minute."""
+    return "started"
+
+
+@django_events.function("steps/invoke-start", id="tests.steps_invoke_start")
+def steps_invoke_start(ctx: Context) -> str:
+    """Invokes tests.steps_start_child; says how it ended."""
+    try:
+        return ctx.step.invoke("child", function="tests.steps_start_child")
+    except django_events.InvokeFailedError as exc:
+        return f"failed: {exc}"

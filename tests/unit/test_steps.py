@@ -344,3 +344,19 @@ def test_a_function_that_swallows_its_sleep_still_leaves_the_worker_and_goes_on_
     assert run.status == RunStatus.SUCCEEDED
     assert run.result == "returned"
     assert Call.objects.filter(function="after-swallow").count() == 1
+
+
+def test_an_invoked_run_cancelled_by_its_start_timeout_ends_the_invoke():
+    from django_events.testing import run_due
+
+    send("steps/invoke-start")
+    run_due()  # the caller invokes and waits; the child is pending
+    assert _run("tests.steps_invoke_start").status == RunStatus.WAITING
+    advance(61)  # the child's Timeouts.start passes before any worker takes it
+    run_all()
+    child = _run("tests.steps_start_child")
+    assert child.status == RunStatus.CANCELLED
+    run = _run("tests.steps_invoke_start")
+    assert run.status == RunStatus.SUCCEEDED
+    assert run.result.startswith("failed: step 'child': run ")
+    assert "ended cancelled" in run.result
