@@ -222,6 +222,8 @@ def _deliver_one(event: Event, key: str, *, using: str) -> list[Any]:
         .filter(status=StepStatus.WAITING, kind=StepKind.WAIT, event_name=event.name, match_key=key)
         .filter(run__event__created_at__lte=event.created_at + _lookback())  # as look() bounds it
         .exclude(run__event_id=event.pk)  # a run's own trigger never ends its waits
+        # nor does an event that ended another of its waits (matched again by recovery)
+        .exclude(run__step_set__resolved_event=event.pk)
     )
     with transaction.atomic(using=using):
         rows = list(matching.values_list("pk", "run_id", "checks"))

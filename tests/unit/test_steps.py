@@ -360,3 +360,19 @@ def test_an_invoked_run_cancelled_by_its_start_timeout_ends_the_invoke():
     assert run.status == RunStatus.SUCCEEDED
     assert run.result.startswith("failed: step 'child': run ")
     assert "ended cancelled" in run.result
+
+
+def test_matching_an_event_again_never_ends_a_second_wait_of_the_same_run(monkeypatch):
+    from django_events import waits
+
+    send("steps/wait-twice", {"key": "k"})
+    first = send("steps/tick", {"key": "k", "n": 1})
+    run_all()
+    run = _run("tests.steps_wait_twice")
+    assert run.status == RunStatus.WAITING  # the first wait took the tick; the second waits
+    assert waits.deliver([first]) == []  # recovery matching the first tick again: nothing ends
+    assert Step.objects.get(run=run, step_id="tick:1").status == StepStatus.WAITING
+    send("steps/tick", {"key": "k", "n": 2})
+    run_all()
+    run = _run("tests.steps_wait_twice")
+    assert run.result == [1, 2]
