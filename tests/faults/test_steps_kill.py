@@ -392,13 +392,13 @@ def test_kill_between_two_steps_keeps_the_steps_before(workers: Workers, private
 
 
 def test_kill_during_sleep_wake_ups(fleet: Workers) -> None:
-    # Given runs that sleep 2-20 s between a step and an atomic insert (then a step, each 0.5 s long:
-    # about five woken runs running at any time), all asleep
+    # Given runs that sleep 2-8 s between a step and an atomic insert (then a step, each 0.5 s long:
+    # a dozen or so woken runs running at any time), all asleep
     total = scaled(500)
     rng = random.Random()
     django_events.send_many(
         [
-            {"name": "steps/kill-sleepy", "data": {"n": n, "seconds": rng.uniform(2, 20), "pause": 0.5}}
+            {"name": "steps/kill-sleepy", "data": {"n": n, "seconds": rng.uniform(2, 8), "pause": 0.5}}
             for n in range(total)
         ]
     )

@@ -4,7 +4,9 @@ The worker runs in this process (threads, as in ``test_worker.py``) on the test
 database: PostgreSQL with ``DATABASE_URL``, else SQLite. Nothing here calls
 ``run_all``: each run is claimed, suspended (``sleeping`` / ``waiting``) and woken
 by the worker and the broker, by an event the test sends, or by recovery. The
-functions are in ``tests/testapp/step_events.py``.
+functions are in ``tests/testapp/step_events.py``. The tests that wait out a real
+sleep or timeout are marked ``flow_workers`` (tox runs them in the Django 6.x envs,
+on SQLite and PostgreSQL); the others run everywhere.
 """
 
 from __future__ import annotations
@@ -204,6 +206,7 @@ def test_an_atomic_step_commits_its_row_with_its_memo(worker: dramatiq.Worker) -
 # -- step.sleep ------------------------------------------------------------------------------------
 
 
+@pytest.mark.flow_workers  # waits for real seconds: the Django 6.x envs run it
 def test_a_sleeping_run_holds_no_worker_thread_and_is_woken_by_its_message(
     workers: Workers, messages: Messages
 ) -> None:
@@ -257,6 +260,7 @@ def test_a_waiting_run_is_resumed_by_the_event_it_waits_for(worker: dramatiq.Wor
     assert (wait.status, wait.resolved_event) == (StepStatus.COMPLETED, answer.pk)
 
 
+@pytest.mark.flow_workers  # waits for real seconds: the Django 6.x envs run it
 def test_a_wait_that_times_out_returns_none(worker: dramatiq.Worker, messages: Messages) -> None:
     # Given a run waiting a second for an event nobody sends
     event = django_events.send("steps/wait-cancellable", {"key": "t1", "timeout": 1})
@@ -349,6 +353,7 @@ def test_an_invoked_run_that_dies_raises_in_the_run_that_invoked_it(worker: dram
 # -- cancelling suspended runs ---------------------------------------------------------------------
 
 
+@pytest.mark.flow_workers  # waits for real seconds: the Django 6.x envs run it
 def test_a_cancelled_sleeping_run_never_runs_again_when_its_wake_message_comes(
     worker: dramatiq.Worker, messages: Messages
 ) -> None:
@@ -368,6 +373,7 @@ def test_a_cancelled_sleeping_run_never_runs_again_when_its_wake_message_comes(
     assert Step.objects.get(run=run, step_id="nap").status == StepStatus.CANCELLED
 
 
+@pytest.mark.flow_workers  # waits for real seconds: the Django 6.x envs run it
 def test_a_cancelled_waiting_run_is_not_resumed_by_its_event_nor_by_its_timeout(
     worker: dramatiq.Worker, messages: Messages
 ) -> None:
@@ -389,6 +395,7 @@ def test_a_cancelled_waiting_run_is_not_resumed_by_its_event_nor_by_its_timeout(
     assert (wait.status, wait.resolved_event) == (StepStatus.CANCELLED, None)
 
 
+@pytest.mark.flow_workers  # waits for real seconds: the Django 6.x envs run it
 def test_cancel_on_cancels_a_matching_run_while_it_waits(worker: dramatiq.Worker, messages: Messages) -> None:
     # Given two runs waiting for an event, with keys c2 and c3
     doomed = django_events.send("steps/wait-cancellable", {"key": "c2", "timeout": NAP})
@@ -417,6 +424,7 @@ def test_cancel_on_cancels_a_matching_run_while_it_waits(worker: dramatiq.Worker
 # -- recovery --------------------------------------------------------------------------------------
 
 
+@pytest.mark.flow_workers  # waits for real seconds: the Django 6.x envs run it
 def test_a_sleeping_run_whose_wake_message_is_lost_is_sent_again_by_recovery(
     workers: Workers, broker: dramatiq.Broker, settings: Any
 ) -> None:
