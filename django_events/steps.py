@@ -370,11 +370,8 @@ class Steps:
             else:
                 raise self._leave(Suspension(RunStatus.WAITING, memo.wake_at, memo, pokes))
             memo = self._reload(memo)
-        failed = isinstance(memo.result, dict) and set(memo.result) == {"failed"}
-        if memo.error or failed:
-            error_class = (
-                InvokeTimeoutError if (memo.result or {}).get("failed") == "timeout" else InvokeFailedError
-            )
+        if memo.error:  # the invoked run did not succeed: its result holds how it ended
+            error_class = InvokeTimeoutError if memo.result == {"failed": "timeout"} else InvokeFailedError
             raise error_class(f"step {full!r}: {memo.error}", str(memo.invoked_run))
         return memo.result
 
@@ -679,7 +676,8 @@ def _writes_only_on(using: str, step_id: str) -> Iterator[None]:
 
     def refuse(alias: str) -> Callable[..., Any]:
         def wrapper(execute: Callable[..., Any], sql: str, params: Any, many: bool, context: Any) -> Any:
-            if sql.lstrip().split(None, 1)[:1] and sql.lstrip().split(None, 1)[0].upper() in _WRITES:
+            verb = sql.lstrip().split(None, 1)[:1]
+            if verb and verb[0].upper() in _WRITES:
                 raise StepWriteError(
                     f"Step {step_id!r} wrote to database {alias!r}, but step.atomic commits a step's writes "
                     f"with its memo only on the ledger's database ({using!r}): nothing of the step is kept."
