@@ -123,12 +123,17 @@ def test_the_other_host_finishes_every_run_when_one_host_is_cut_off(tmp_path: Pa
         b.start(env)
         send(count)
 
-        # When host a is cut off from the network once both hosts are at work
+        # When host a is cut off from the network once both hosts are at work, at a moment when more
+        # runs are running than host b has threads (4): so host a holds some (one CI run cut it off
+        # between two of its runs, and the test proved nothing)
         wait_until(
-            lambda: succeeded_on(a.hostname) >= 10 and succeeded_on(b.hostname) >= 10,
+            lambda: (
+                succeeded_on(a.hostname) >= 10 and succeeded_on(b.hostname) >= 10 and counts()["running"] > 4
+            ),
             timeout=patience(60),
-            what="both hosts ran runs",
+            what="both hosts ran runs, and host a has runs in flight",
             describe=state,
+            interval=0.01,
         )
         a.cut()
         cut_at = query("SELECT now()")[0][0]
