@@ -118,7 +118,8 @@ def test_status_filter_offers_and_applies_each_flow_state(admin_client, db):
         assert _listed(admin_client, {"status__exact": status}) == {runs[status].pk}
 
 
-@pytest.mark.parametrize("status", FLOW_STATES)
+# The flow-control states, and those of durable steps (sleeping, waiting).
+@pytest.mark.parametrize("status", [*FLOW_STATES, RunStatus.SLEEPING, RunStatus.WAITING])
 def test_status_filter_is_served_by_an_index(admin_client, db, status):
     # Given runs in the state asked for
     _run(status)
