@@ -161,6 +161,14 @@ class Event(models.Model):
         blank=True,
         help_text=_("Functions subscribed to the event that gave it no run, and why (their if_ filter)."),
     )
+    # The W3C trace context (``traceparent``, ``tracestate``) of the span that sent the event, when
+    # OpenTelemetry is installed and a span was recording; each attempt's span links to it.
+    trace_context = models.JSONField(
+        null=True,
+        blank=True,
+        editable=False,
+        help_text=_("The OpenTelemetry trace context of the send (W3C traceparent), if any."),
+    )
 
     class Meta:
         ordering = ["-created_at"]
