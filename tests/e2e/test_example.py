@@ -40,6 +40,7 @@ from django.test import Client
 
 from django_events import testing
 from django_events.models import Event, Run, RunStatus, Step
+from example_project.sources.management.commands import demo
 
 REPO_DIR = Path(__file__).resolve().parents[2]
 #: What Django's file-based e-mail backend writes after each message.
@@ -372,3 +373,82 @@ def test_sign_up_stores_the_user_and_sends_its_event_and_refuses_bad_input(clien
     assert not_text.status_code == 400
     assert not_object.status_code == 400
     assert Event.objects.filter(name="api/user.signed_up").count() == 1
+
+
+# The demo's admin user, in-process ---------------------------------------------------------------
+
+
+def _demo_admin() -> Any:
+    return get_user_model()._default_manager.get(username=demo.ADMIN_USERNAME)
+
+
+@pytest.mark.django_db
+def test_first_demo_run_creates_the_admin_user_and_prints_its_password(monkeypatch: Any) -> None:
+    # Given: no admin user yet, no password chosen in the environment
+    monkeypatch.delenv("DJANGO_SUPERUSER_PASSWORD", raising=False)
+
+    # When: the demo sets up its admin user
+    said = demo.admin_login()
+
+    # Then: it printed a password that logs in as a superuser
+    match = re.fullmatch(r"Created the admin user: admin / (\S+)  \(printed only this once\)", said)
+    assert match, said
+    user = _demo_admin()
+    assert user.check_password(match.group(1))
+    assert (user.is_superuser, user.is_staff, user.is_active) == (True, True, True)
+
+
+@pytest.mark.django_db
+def test_second_demo_run_says_how_to_log_in_and_keeps_the_password(monkeypatch: Any) -> None:
+    # Given: the admin user an earlier demo created
+    monkeypatch.setenv("DJANGO_SUPERUSER_PASSWORD", "first password")
+    demo.admin_login()
+
+    # When: the demo runs again without --reset-password
+    said = demo.admin_login()
+
+    # Then: it names the user and both ways to get a password, and changed nothing
+    assert "log in as 'admin'" in said
+    assert "--reset-password" in said
+    assert "python manage.py changepassword admin" in said
+    assert "first password" not in said
+    assert _demo_admin().check_password("first password")
+
+
+@pytest.mark.django_db
+def test_reset_password_prints_a_new_password_that_logs_in(monkeypatch: Any) -> None:
+    # Given: the admin user an earlier demo created, since demoted and deactivated by hand
+    monkeypatch.setenv("DJANGO_SUPERUSER_PASSWORD", "first password")
+    demo.admin_login()
+    get_user_model()._default_manager.filter(username="admin").update(
+        is_active=False, is_staff=False, is_superuser=False
+    )
+    monkeypatch.delenv("DJANGO_SUPERUSER_PASSWORD")
+
+    # When: the demo runs with --reset-password (twice: each prints a new password)
+    first = demo.admin_login(reset_password=True)
+    second = demo.admin_login(reset_password=True)
+
+    # Then: each printed a new random password; the last one logs the superuser in, the old one not
+    passwords = [
+        re.fullmatch(r"Reset the admin user's password: admin / (\S+)  \(printed only this once\)", said)
+        for said in (first, second)
+    ]
+    assert all(passwords), (first, second)
+    new = [match.group(1) for match in passwords if match]
+    assert new[0] != new[1]
+    user = _demo_admin()
+    assert user.check_password(new[1])
+    assert not user.check_password("first password")
+    assert (user.is_superuser, user.is_staff, user.is_active) == (True, True, True)
+    assert get_user_model()._default_manager.filter(username="admin").count() == 1
+
+
+def test_demo_command_takes_reset_password() -> None:
+    # When: the command line has --reset-password, or not
+    parser = demo.Command().create_parser("manage.py", "demo")
+
+    # Then: it reaches handle() as reset_password
+    assert parser.parse_args(["--reset-password", "--keep-running"]).reset_password is True
+    assert parser.parse_args([]).reset_password is False
+    assert "--reset-password" in parser.format_help()

@@ -124,6 +124,14 @@ class Command(BaseCommand):
             default=None,
             help="File for the worker's output (default: demo-worker.log next to the database).",
         )
+        parser.add_argument(
+            "--reset-password",
+            action="store_true",
+            help=(
+                f"Give the admin user {ADMIN_USERNAME!r} a new password and print it (its password is "
+                "printed only when the demo creates it)."
+            ),
+        )
 
     def handle(
         self,
@@ -133,6 +141,7 @@ class Command(BaseCommand):
         port: int,
         fresh: bool,
         worker_log: Path | None,
+        reset_password: bool = False,
         **options: Any,
     ) -> None:
         if timeout <= 0:
@@ -151,7 +160,7 @@ class Command(BaseCommand):
 
         call_command("migrate", interactive=False, verbosity=0)
         self._say("Migrated the database.")
-        self._ensure_admin_user()
+        self._say(admin_login(reset_password=reset_password))
         self._forget_demo_users()
 
         mail_dir = Path(settings.MAIL_DIR)
@@ -200,20 +209,6 @@ class Command(BaseCommand):
         for file in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
             file.unlink(missing_ok=True)
         self._say(f"Deleted the database {path}.")
-
-    def _ensure_admin_user(self) -> None:
-        users = get_user_model()
-        if users._default_manager.filter(username=ADMIN_USERNAME).exists():
-            self._say(
-                f"The admin user {ADMIN_USERNAME!r} exists already; its password was printed when it was "
-                f"created (change it with: python manage.py changepassword {ADMIN_USERNAME})."
-            )
-            return
-        password = os.environ.get("DJANGO_SUPERUSER_PASSWORD") or secrets.token_urlsafe(9)
-        users._default_manager.db_manager().create_superuser(
-            username=ADMIN_USERNAME, email="admin@example.com", password=password
-        )
-        self._say(f"Created the admin user: {ADMIN_USERNAME} / {password}  (printed only this once)")
 
     def _forget_demo_users(self) -> None:
         """Delete the users an earlier demo signed up, so that they sign up (and are onboarded) again."""
@@ -391,6 +386,37 @@ class Command(BaseCommand):
 
 
 # Helpers ---------------------------------------------------------------------------------------
+
+
+def admin_login(*, reset_password: bool = False) -> str:
+    """Make sure the demo's admin user exists, and say how to log in as it (one line or two).
+
+    The first run creates it with a new password (``DJANGO_SUPERUSER_PASSWORD`` if
+    set, else a random one) and prints it; that is the only time the password is
+    shown, since only its hash is stored. A later run says who to log in as and how
+    to get a password again; with ``reset_password`` it sets a new one and prints it,
+    and makes the user an active superuser again, so that the login works.
+    """
+    users = get_user_model()
+    manager = users._default_manager
+    user = manager.filter(username=ADMIN_USERNAME).first()
+    password = os.environ.get("DJANGO_SUPERUSER_PASSWORD") or secrets.token_urlsafe(9)
+    if user is None:
+        manager.db_manager().create_superuser(
+            username=ADMIN_USERNAME, email="admin@example.com", password=password
+        )
+        return f"Created the admin user: {ADMIN_USERNAME} / {password}  (printed only this once)"
+    if reset_password:
+        user.set_password(password)
+        user.is_active = user.is_staff = user.is_superuser = True
+        user.save(update_fields=["password", "is_active", "is_staff", "is_superuser"])
+        return f"Reset the admin user's password: {ADMIN_USERNAME} / {password}  (printed only this once)"
+    return (
+        f"The admin user {ADMIN_USERNAME!r} exists already; log in as {ADMIN_USERNAME!r} with the password "
+        "printed when it was created.\n"
+        "Forgot it? Run the demo with --reset-password to get a new one printed, "
+        f"or set one with: python manage.py changepassword {ADMIN_USERNAME}"
+    )
 
 
 def describe_step(step: Step) -> str:
