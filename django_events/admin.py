@@ -71,6 +71,7 @@ from .changelists import (
     search_values,
 )
 from .dispatch import ACTOR_NAME
+from .execution import RUN_DEAD_EVENT
 from .models import (
     FINAL_STATUSES,
     NOT_STARTED_STATUSES,
@@ -909,12 +910,31 @@ class EventAdmin(_ReadOnlyAdmin):
         "idempotency_key",
         "created_at",
         "data_json",
+        "dead_run",
         "skipped_list",
         "run_list",
     )
 
     def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
         return EventChangeList
+
+    @admin.display(description=_("dead run"))
+    def dead_run(self, event: Event) -> SafeString:
+        """A ``django_events/run.dead`` event's run and its event, linked if still stored:
+        ``includes/dead_run.html`` (ids that are not UUIDs are shown as text, never looked up)."""
+        data = event.data if isinstance(event.data, dict) else {}
+        given = {key: _printable(str(data.get(key) or "")) for key in ("run_id", "event_id")}
+        run_pk, event_pk = _as_uuid(given["run_id"]), _as_uuid(given["event_id"])
+        return _include(
+            "dead_run",
+            {
+                **given,
+                "run": Run.objects.filter(pk=run_pk).only("pk", "function", "status").first()
+                if run_pk
+                else None,
+                "event": Event.objects.filter(pk=event_pk).only("pk", "name").first() if event_pk else None,
+            },
+        )
 
     @admin.display(description=_("runs"))
     def runs_summary(self, event: Event) -> SafeString:
@@ -933,10 +953,13 @@ class EventAdmin(_ReadOnlyAdmin):
         return _include("skipped_by", {"skipped": _skipped_by(event)})
 
     def get_fields(self, request: HttpRequest, obj: Any = None) -> Any:
-        """The event page's fields; "why didn't it run?" only when a function gave it no run."""
+        """The event page's fields; "why didn't it run?" only when a function gave it no run, and
+        "dead run" only on a ``django_events/run.dead`` event."""
         fields = list(super().get_fields(request, obj))
         if isinstance(obj, Event) and not obj.skipped_by:
             fields.remove("skipped_list")
+        if isinstance(obj, Event) and obj.name != RUN_DEAD_EVENT:
+            fields.remove("dead_run")
         return fields
 
     @admin.display(description=_("data"))

@@ -13,8 +13,8 @@ from django.utils import timezone
 
 import django_events
 from django_events.changelists import CappedCountPaginator
-from django_events.execution import Execution, execute_run
-from django_events.models import Attempt, Run, RunStatus
+from django_events.execution import RUN_DEAD_EVENT, Execution, execute_run
+from django_events.models import Attempt, Event, Run, RunStatus
 from django_events.testing import run_all
 
 RUNS = reverse("admin:django_events_run_changelist")
@@ -396,3 +396,50 @@ def test_overview_counts_runs_and_lists_dead_ones(admin_client, history):
 def test_app_index_links_to_overview(admin_client, db):
     page = admin_client.get(reverse("admin:app_list", args=["django_events"])).content.decode()
     assert OVERVIEW in page
+
+
+# -- the run.dead event ------------------------------------------------------------------------
+
+
+def _event_page(client, event: Event) -> str:
+    return client.get(reverse("admin:django_events_event_change", args=[event.pk])).content.decode()
+
+
+def test_run_dead_event_page_links_its_run_and_event(admin_client, history):
+    # Given: the run.dead event the dead run sent
+    dead = history["dead"]
+    event = Event.objects.get(name=RUN_DEAD_EVENT)
+    assert event.data["run_id"] == str(dead.pk)
+
+    # When: its page is opened
+    page = _event_page(admin_client, event)
+
+    # Then: the run id links to the run's page, the event id to its event's, with what they are
+    assert f'href="{_run_url(dead)}" id="de-dead-run-link">{dead.pk}</a> (tests.always_fails, dead)' in page
+    assert f'href="{reverse("admin:django_events_event_change", args=[dead.event_id])}"' in page
+    # and other events' pages have no such field
+    assert "de-dead-run" not in _event_page(admin_client, Event.objects.get(name="test/ok"))
+
+
+@pytest.mark.parametrize(
+    ("data", "shown"),
+    [
+        ({"run_id": "<b>not-a-uuid</b>"}, "<code>&lt;b&gt;not-a-uuid&lt;/b&gt;</code> (no such run stored)"),
+        ({"run_id": "00000000-0000-7000-8000-000000000000"}, "(no such run stored)"),
+        ({"run_id": 7, "event_id": ["x"]}, "<code>7</code> (no such run stored)"),
+        ({}, "not given"),
+    ],
+)
+def test_run_dead_event_with_a_bad_or_gone_run_id_shows_it_as_text(admin_client, db, data, shown):
+    # Given: a run.dead event whose run id is not a UUID, names no stored run, or is missing
+    event = Event.objects.create(name=RUN_DEAD_EVENT, data=data)
+
+    # When: its page is opened
+    response = admin_client.get(reverse("admin:django_events_event_change", args=[event.pk]))
+
+    # Then: it shows the id as escaped text, with no link to a run
+    page = response.content.decode()
+    assert response.status_code == 200
+    assert shown in page
+    assert "de-dead-run-link" not in page
+    assert "<b>not-a-uuid</b>" not in page
