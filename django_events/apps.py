@@ -6,6 +6,7 @@ import importlib
 
 import dramatiq
 from django.apps import AppConfig, apps
+from django.conf import settings
 from django.utils.module_loading import autodiscover_modules
 from dramatiq.middleware import CurrentMessage
 
@@ -26,7 +27,20 @@ class DjangoEventsConfig(AppConfig):
         importlib.import_module("django_events.checks")  # registers the system checks
         # Every installed app's events.py: a missing module is skipped, a broken one raises.
         autodiscover_modules("events")
+        if uses_task_backend():
+            # Registers the function that runs Django tasks, in workers too (which may not
+            # import the task modules until a task's run arrives).
+            importlib.import_module("django_events.task_backend")
         install_broker_middleware()
+
+
+def uses_task_backend() -> bool:
+    """Whether ``settings.TASKS`` (Django 6.0+) names ``django_events.task_backend.EventsTaskBackend``."""
+    backends = getattr(settings, "TASKS", None) or {}
+    return isinstance(backends, dict) and any(
+        isinstance(params, dict) and params.get("BACKEND") == "django_events.task_backend.EventsTaskBackend"
+        for params in backends.values()
+    )
 
 
 def check_installed_apps() -> None:

@@ -110,6 +110,14 @@ DJANGO_EVENTS = {
 # this: a JSON object merged into DJANGO_EVENTS, such as {"RECOVERY_INTERVAL": 0.5, "LEASE_MARGIN": 1}.
 DJANGO_EVENTS.update(json.loads(os.environ.get("DJANGO_EVENTS_TEST_SETTINGS") or "{}"))
 
+if django.VERSION >= (6, 0):  # django.tasks: tests/unit/test_task_backend.py, tests/testapp/task_functions.py
+    TASKS = {
+        "default": {
+            "BACKEND": "django_events.task_backend.EventsTaskBackend",
+            "QUEUES": ["default", "emails"],
+        }
+    }
+
 if django.VERSION >= (6, 1):  # MAILERS replaces EMAIL_BACKEND (deprecated)
     MAILERS = {"default": {"BACKEND": "django.core.mail.backends.locmem.EmailBackend"}}
 else:
